@@ -1,0 +1,254 @@
+"""Typed, validated view of params.yaml.
+
+Every stage calls `load_params()` first, so a bad value (`dvc exp run -S student.width=-1`) fails
+in one line naming the parameter, the value and what is allowed, before any work starts.
+Unknown keys are rejected too: a typo must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+from .errors import UserError
+
+TEACHER_ARCHS = ("resnet18", "mobilenet_v2", "densenet121")
+STUDENT_ARCHS = ("mobilenet_v3_small", "mobilenet_v3_small_relu", "mobilenet_v3_small_minimal")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ParamError(UserError, ValueError):
+    """A params.yaml value is missing, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = "data/rice-demo"  # any ImageFolder tree (class folders of images)
+    image_size: int = 64  # square side in px that every model sees; rice grains need no 224
+    val_fraction: float = 0.15  # for model selection / early stopping
+    test_fraction: float = 0.2  # touched only by final evaluation
+    near_duplicate_bits: int = 4  # max perceptual-hash Hamming distance grouped as near-duplicates
+    max_image_pixels: int = 40_000_000  # decompression-bomb guard, per image
+    cache_limit_mb: int = 4096  # refuse to build a decoded cache larger than this
+
+    def check(self) -> None:
+        _require(self.image_size >= 32, "data.image_size", self.image_size, "an integer >= 32")
+        _require(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction, "0 < x < 1")
+        _require(0 < self.test_fraction < 1, "data.test_fraction", self.test_fraction, "0 < x < 1")
+        _require(
+            self.val_fraction + self.test_fraction < 1,
+            "data.val_fraction + data.test_fraction",
+            self.val_fraction + self.test_fraction,
+            "a sum < 1 (something must be left to train on)",
+        )
+        _require(0 <= self.near_duplicate_bits <= 32, "data.near_duplicate_bits",
+                 self.near_duplicate_bits, "0..32")
+        _require(self.max_image_pixels >= 1024, "data.max_image_pixels", self.max_image_pixels,
+                 ">= 1024")
+        _require(self.cache_limit_mb >= 1, "data.cache_limit_mb", self.cache_limit_mb, ">= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    device: str = "auto"  # auto = CUDA when present, else CPU
+    threads: int = 2  # torch intra-op threads on CPU
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1  # as in the seed framework
+    patience: int = 0  # early stopping on val accuracy; 0 = off
+
+    def check(self) -> None:
+        _require(self.device in DEVICES, "train.device", self.device, f"one of {list(DEVICES)}")
+        _require(self.threads >= 1, "train.threads", self.threads, ">= 1")
+        _require(self.batch_size >= 1, "train.batch_size", self.batch_size, ">= 1")
+        _require(self.eval_batch_size >= 1, "train.eval_batch_size", self.eval_batch_size, ">= 1")
+        _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, ">= 0")
+        _require(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing,
+                 "0 <= x < 1")
+        _require(self.patience >= 0, "train.patience", self.patience, ">= 0")
+
+
+@dataclass(frozen=True)
+class TeachersConfig:
+    archs: tuple[str, ...] = TEACHER_ARCHS
+    epochs: int = 4
+    lr: float = 0.003
+    weights: dict[str, str] = field(default_factory=dict)  # optional local weights file per arch
+
+    def check(self) -> None:
+        _require(len(self.archs) >= 1, "teachers.archs", list(self.archs), "at least one name")
+        for arch in self.archs:
+            _require(arch in TEACHER_ARCHS, "teachers.archs", arch, f"one of {list(TEACHER_ARCHS)}")
+        for arch in self.weights:
+            _require(arch in self.archs, "teachers.weights", arch, "a key of teachers.archs")
+        _require(self.epochs >= 1, "teachers.epochs", self.epochs, ">= 1")
+        _require(self.lr > 0, "teachers.lr", self.lr, "> 0")
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    arch: str = "mobilenet_v3_small"
+    width: float = 0.25  # MobileNetV3 width multiplier
+    epochs: int = 8
+    lr: float = 0.01
+
+    def check(self) -> None:
+        _require(self.arch in STUDENT_ARCHS, "student.arch", self.arch,
+                 f"one of {list(STUDENT_ARCHS)}")
+        _require(0 < self.width <= 4, "student.width", self.width, "0 < width <= 4")
+        _require(self.epochs >= 1, "student.epochs", self.epochs, ">= 1")
+        _require(self.lr > 0, "student.lr", self.lr, "> 0")
+
+
+@dataclass(frozen=True)
+class KDConfig:
+    temperature: float = 4.0
+    alpha: float = 0.7  # weight of the KD term; 0 = plain cross-entropy
+
+    def check(self) -> None:
+        _require(self.temperature > 0, "kd.temperature", self.temperature, "> 0")
+        _require(0 <= self.alpha <= 1, "kd.alpha", self.alpha, "0 <= alpha <= 1")
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    epochs: int = 3
+    lr: float = 0.0005
+    freeze_bn_epoch: int = 1  # from this epoch on, BN running statistics stay fixed
+    freeze_observer_epoch: int = 2  # from this epoch on, quantization ranges stay fixed
+
+    def check(self) -> None:
+        _require(self.epochs >= 1, "qat.epochs", self.epochs, ">= 1")
+        _require(self.lr > 0, "qat.lr", self.lr, "> 0")
+        _require(self.freeze_bn_epoch >= 0, "qat.freeze_bn_epoch", self.freeze_bn_epoch, ">= 0")
+        _require(self.freeze_observer_epoch >= 0, "qat.freeze_observer_epoch",
+                 self.freeze_observer_epoch, ">= 0")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    opset: int = 17
+    parity_atol: float = 1e-3  # max |logit| difference FP32 ONNX vs torch
+    min_int8_agreement: float = 0.99  # top-1 agreement INT8 ONNX vs torch QAT model
+
+    def check(self) -> None:
+        _require(13 <= self.opset <= 21, "export.opset", self.opset, "13..21")
+        _require(self.parity_atol > 0, "export.parity_atol", self.parity_atol, "> 0")
+        _require(0 <= self.min_int8_agreement <= 1, "export.min_int8_agreement",
+                 self.min_int8_agreement, "0..1")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    threads: int = 1  # onnxruntime intra-op threads for latency
+    warmup: int = 50
+    runs: int = 300  # timed batch-1 runs for p50/p90
+    batch: int = 32  # batch size for throughput
+
+    def check(self) -> None:
+        _require(self.threads >= 1, "bench.threads", self.threads, ">= 1")
+        _require(self.warmup >= 0, "bench.warmup", self.warmup, ">= 0")
+        _require(self.runs >= 10, "bench.runs", self.runs, ">= 10")
+        _require(self.batch >= 1, "bench.batch", self.batch, ">= 1")
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 42  # the one seed that seeds everything
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    teachers: TeachersConfig = field(default_factory=TeachersConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    qat: QATConfig = field(default_factory=QATConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+    def check(self) -> None:
+        _require(0 <= self.seed < 2**32, "seed", self.seed, "an integer in 0..2**32-1")
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "check"):
+                section.check()
+
+
+def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ParamError(f"params: {name}={value!r} is invalid; allowed: {allowed}")
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Convert a YAML value to the annotated type, or say which parameter is wrong."""
+    origin = get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ParamError(f"params: {name} must be a mapping, got {value!r}")
+        return _build(hint, value, prefix=f"{name}.")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ParamError(f"params: {name}={value!r} is invalid; allowed: a list")
+        (item_type, _) = get_args(hint)
+        return tuple(_coerce(name, v, item_type) for v in value)
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ParamError(f"params: {name}={value!r} is invalid; allowed: a mapping")
+        return {str(k): str(v) for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ParamError(f"params: {name}={value!r} is invalid; allowed: true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamError(f"params: {name}={value!r} is invalid; allowed: an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ParamError(f"params: {name}={value!r} is invalid; allowed: a finite number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ParamError(f"params: {name}={value!r} is invalid; allowed: a string")
+        return value
+    raise TypeError(f"unsupported annotation {hint!r} for {name}")
+
+
+def _build(cls: type, raw: dict, prefix: str = "") -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ParamError(f"params: unknown key {prefix}{unknown[0]}; known: {sorted(names)}")
+    kwargs = {k: _coerce(f"{prefix}{k}", v, hints[k]) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def params_from_dict(raw: dict) -> Params:
+    params = _build(Params, raw or {})
+    params.check()
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamError(f"params: file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ParamError(f"params: {path} is not valid YAML: {err}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ParamError(f"params: {path} must hold a mapping at top level")
+    return params_from_dict(raw or {})
+
+
+def as_dict(section: Any) -> dict:
+    """Plain dict of a config section, for checkpoints and metrics."""
+    return dataclasses.asdict(section)

@@ -1,0 +1,1 @@
+"""One thin entry point per dvc.yaml stage: parse params, call the library, write outputs."""
