@@ -20,3 +20,13 @@ repro: demo-data
 
 test: deps
 	$(PYTHON) -m pytest -q tests
+
+# PR report: params/metrics/plots of the workspace vs BASE -> reports/pr/report.md + plots/*.png.
+# `make report BASE=origin/main`; CI adds PLOTS_URL (the run page) to link the images.
+BASE ?= main
+report: deps
+	$(PYTHON) -m src.pr_report --base $(BASE) --out reports/pr $(if $(PLOTS_URL),--plots-url "$(PLOTS_URL)")
+
+# The benchmark on the real rice sample (../shared/datasets/rice-image): reports/benchmark.{md,json}.
+bench: demo-data
+	$(PYTHON) -m src.benchmark --config benchmarks/rice.yaml --out reports

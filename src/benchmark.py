@@ -1,0 +1,99 @@
+"""`make bench`: the whole pipeline on the real rice sample as DVC experiments, then one report.
+
+1. a forced full `dvc exp run` with the benchmark overrides (benchmarks/rice.yaml), stages timed;
+2. incremental experiments (e.g. `-S student.width=0.5`): teachers must be skipped;
+3. `dvc exp apply` of the main run, so the workspace holds the main-row models and metrics;
+4. every model on the same test split, every ONNX file timed back to back in this one process,
+   the seed framework's models included; reports/benchmark.{json,md} and the trade-off PNG.
+DVC's run cache is cleared first so that every stage really runs and is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import shutil
+import subprocess
+from importlib.metadata import version
+from pathlib import Path
+
+import yaml
+
+from src.edgekd import comparison
+from src.edgekd.config import load_params
+from src.edgekd.experiments import overrides_to_args, run_experiment
+from src.edgekd.report import plot_tradeoff, render_markdown
+from src.edgekd.runtime import run_stage
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    packages = ["torch", "torchvision", "onnxruntime", "openvino", "onnx", "dvc"]
+    return {"cpu": cpu, "cores": len(__import__("os").sched_getaffinity(0)),
+            "python": platform.python_version(), "versions": {p: version(p) for p in packages}}
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", default="benchmarks/rice.yaml")
+    parser.add_argument("--out", default="reports", help="folder for benchmark.{md,json,png}")
+    args = parser.parse_args()
+    repo = Path.cwd()
+    cfg = yaml.safe_load(Path(args.config).read_text())
+    command = f"make bench  (python -m src.benchmark --config {args.config} --out {args.out})"
+
+    shutil.rmtree(repo / ".dvc" / "cache" / "runs", ignore_errors=True)
+    base = overrides_to_args(cfg["overrides"])
+    full = run_experiment(["-f", *base], repo, log_path=None)
+    main_eval = read_json(repo / "metrics" / "evaluate.json")
+    params = load_params()
+    variants = [comparison.variant_row(params.student, params.data.image_size, main_eval)]
+    incremental = []
+    for variant in cfg.get("variants", []):
+        run = run_experiment([*base, *overrides_to_args(variant)], repo)
+        v_params = load_params()
+        variants.append(comparison.variant_row(v_params.student, v_params.data.image_size,
+                                                 read_json(repo / "metrics" / "evaluate.json")))
+        incremental.append((variant, run))
+
+    subprocess.run(["dvc", "exp", "apply", full.name], cwd=repo, check=True)
+    if read_json(repo / "metrics" / "evaluate.json") != main_eval:
+        raise RuntimeError("dvc exp apply did not restore the main run's metrics")
+
+    params = load_params()
+    main_rows, test_images = comparison.main_rows(params, repo, main_eval, cfg["seed_models"])
+    pipeline = comparison.pipeline_summary(full, incremental)
+    results = {
+        "command": command,
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine_info(),
+        "data_root": params.data.root,
+        "test_images": test_images,
+        "overrides": cfg["overrides"],
+        "experiment": full.name,
+        "main": main_rows,
+        "variants": variants,
+        "pipeline": pipeline,
+        "notes": comparison.NOTES,
+    }
+    results["goals"] = comparison.goals(results, params.student.width)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot_tradeoff(variants, out / "benchmark_tradeoff.png")
+    (out / "benchmark.md").write_text(render_markdown(results))
+    print(render_markdown(results))
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,172 @@
+"""The benchmark's rows: every model on the same test split, every ONNX file timed in one process.
+
+Our students' accuracy comes from the `evaluate` stage (metrics/evaluate.json); their latency is
+measured again here, back to back with the seed framework's models, so that ratios compare like
+with like on a shared, noisy CPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pandas as pd
+import torch
+
+from .augment import normalize
+from .bench import classification_metrics, make_runner, measure_latency, measure_throughput, predict_all
+from .ckpt import load_model
+from .config import Params, StudentConfig
+from .data import load_info, load_split
+from .engine import evaluate, predict_logits
+from .images import load_image
+from .losses import ensemble_logits, prepare_teachers
+from .models import count_params
+
+NOTES = [
+    "Seed models: the framework's published rice-image students, run at their own 224 px input with "
+    "ImageNet normalisation. They were trained on 80 % of the full dataset, so some of these test "
+    "images may have been in their training set: their accuracy here is, if anything, flattered.",
+    "p50 / seed INT8: batch-1 p50 in onnxruntime divided by the seed INT8 model's, measured in this run.",
+    "OpenVINO p50: the same ONNX file in OpenVINO (1 thread), the other well-kept CPU runtime tried.",
+]
+
+
+def variant_row(student: StudentConfig, image_size: int, evaluation: dict) -> dict:
+    fp32, int8 = evaluation["fp32"], evaluation["int8"]
+    return {
+        "variant": f"{student.arch} w{student.width:g} {image_size}px",
+        "arch": student.arch, "width": student.width, "image_size": image_size,
+        "fp32_accuracy": fp32["accuracy"], "int8_accuracy": int8["accuracy"],
+        "fp32_size_bytes": fp32["size_bytes"], "int8_size_bytes": int8["size_bytes"],
+        "fp32_latency_p50_ms": fp32["latency_p50_ms"], "int8_latency_p50_ms": int8["latency_p50_ms"],
+    }
+
+
+def teacher_rows(params: Params, prepared: Path, teachers_dir: Path) -> list[dict]:
+    """Test accuracy of each teacher and of their logit-averaged ensemble (PyTorch, CPU)."""
+    info = load_info(prepared)
+    images, labels = load_split(prepared, "test")
+    cpu = torch.device("cpu")
+    models, rows = [], []
+    for arch in params.teachers.archs:
+        model, _ = load_model(teachers_dir / f"{arch}.pt")
+        models.append(model)
+        acc = evaluate(model, images, labels, info.mean, info.std, params.train.eval_batch_size, cpu)["acc"]
+        rows.append({"model": f"teacher {arch}", "accuracy": acc, "params": count_params(model)})
+    teachers = prepare_teachers(models)
+    logits = predict_logits(lambda x: ensemble_logits(teachers, x), images, info.mean, info.std,
+                            params.train.eval_batch_size, cpu)
+    rows.append({"model": "teacher ensemble (mean logits)",
+                 "accuracy": (logits.argmax(1) == labels).float().mean().item(),
+                 "params": sum(r["params"] for r in rows)})
+    return rows
+
+
+def onnx_float_params(path: Path) -> int:
+    """Weights of an FP32 ONNX graph (its float initializers)."""
+    graph = onnx.load(str(path)).graph
+    return int(sum(np.prod(t.dims) for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT))
+
+
+def timing(path: Path, x: np.ndarray, params: Params) -> dict[str, float]:
+    """Batch-1 p50/p90 (onnxruntime), batch throughput, and OpenVINO p50 for one ONNX file."""
+    bench = params.bench
+    run = make_runner(path, "onnxruntime", bench.threads)
+    lat = measure_latency(run, x[:1], bench.warmup, bench.runs)
+    batch = np.resize(x, (bench.batch, *x.shape[1:]))  # (B, 3, H, W) real images, repeated
+    ov = measure_latency(make_runner(path, "openvino", bench.threads), x[:1], bench.warmup, bench.runs)
+    return {"latency_p50_ms": lat.p50_ms, "latency_p90_ms": lat.p90_ms,
+            "throughput_ips": measure_throughput(run, batch, max(1, bench.warmup // 10),
+                                                 max(10, bench.runs // 10)),
+            "openvino_p50_ms": ov.p50_ms}
+
+
+def seed_inputs(prepared: Path, root: Path, seed_cfg: dict, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Test images decoded again at the seed models' own size and normalisation."""
+    info = load_info(prepared)
+    manifest = pd.read_csv(prepared / "test.csv")
+    size = int(seed_cfg["image_size"])
+    images = np.stack([load_image(root / p, size, max_pixels) for p in manifest["path"]])  # (N, H, W, 3)
+    x = normalize(torch.from_numpy(images).permute(0, 3, 1, 2), seed_cfg["mean"], seed_cfg["std"])
+    labels = manifest["class"].map({c: i for i, c in enumerate(info.classes)}).to_numpy()
+    return x.numpy(), labels
+
+
+def main_rows(params: Params, repo: Path, main_eval: dict, seed_cfg: dict) -> tuple[list[dict], int]:
+    prepared, models = repo / "prepared", repo / "models"
+    info = load_info(prepared)
+    images, labels = load_split(prepared, "test")
+    ours_x = normalize(images, info.mean, info.std).numpy()  # (N, 3, H, W) float32
+    rows = teacher_rows(params, prepared, models / "teachers")
+    for key, name, file in [("baseline", "student baseline (no KD), FP32", "baseline.onnx"),
+                            ("fp32", "student distilled, FP32", "student_fp32.onnx"),
+                            ("int8", "student distilled + QAT, INT8", "student_int8.onnx")]:
+        m = main_eval[key]
+        rows.append({"model": name, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+                     "size_bytes": m["size_bytes"], "params": m["params"],
+                     **timing(models / file, ours_x, params)})
+    seed_x, seed_labels = seed_inputs(prepared, repo / params.data.root, seed_cfg,
+                                      params.data.max_image_pixels)
+    seed_params = onnx_float_params(repo / seed_cfg["fp32"])
+    for precision in ("fp32", "int8"):
+        path = repo / seed_cfg[precision]
+        preds = predict_all(make_runner(path, "onnxruntime", params.bench.threads), seed_x).argmax(1)
+        m = classification_metrics(seed_labels, preds, info.classes)
+        rows.append({"model": f"seed {precision.upper()} ({path.name}, 224 px)", "accuracy": m["accuracy"],
+                     "macro_f1": m["macro_f1"], "size_bytes": path.stat().st_size, "params": seed_params,
+                     **timing(path, seed_x, params)})
+    seed_int8_p50 = rows[-1]["latency_p50_ms"]
+    for row in rows:
+        if "latency_p50_ms" in row:
+            row["p50_vs_seed_int8"] = row["latency_p50_ms"] / seed_int8_p50
+    return rows, len(labels)
+
+
+def pipeline_summary(full: Any, incremental: list) -> dict:
+    summary: dict[str, Any] = {"stages": full.stage_s, "total_s": full.total_s, "experiment": full.name}
+    if incremental:
+        variant, run = incremental[0]
+        summary["incremental"] = {
+            "command": "dvc exp run " + " ".join(f"-S {k}={v}" for k, v in variant.items()),
+            "total_s": run.total_s, "ratio": run.total_s / full.total_s,
+            "stages_run": list(run.stage_s), "skipped": run.skipped,
+            "teachers_skipped": not any(s.startswith("train_teacher") for s in run.stage_s),
+        }
+    return summary
+
+
+def goals(results: dict, width: float) -> list[dict]:
+    """The targets the issues set, each with the measured figure; a miss is reported, not hidden."""
+    rows = {r["model"]: r for r in results["main"]}
+    pick = lambda prefix: next(r for name, r in rows.items() if name.startswith(prefix))  # noqa: E731
+    fp32, int8, base = pick("student distilled, FP32"), pick("student distilled + QAT"), pick("student baseline")
+    seed_int8 = pick("seed INT8")
+    int8_best = min(int8["latency_p50_ms"], int8["openvino_p50_ms"])
+    fp32_best = min(fp32["latency_p50_ms"], fp32["openvino_p50_ms"])
+    pct = lambda v: f"{100 * v:.2f} %"  # noqa: E731
+    out = [
+        ("distilled FP32 student >= 99.8 % test accuracy", pct(fp32["accuracy"]), fp32["accuracy"] >= 0.998),
+        ("distilled student > baseline (no KD)", f"{pct(fp32['accuracy'])} vs {pct(base['accuracy'])}",
+         fp32["accuracy"] > base["accuracy"]),
+        ("INT8 >= 99.8 % test accuracy", pct(int8["accuracy"]), int8["accuracy"] >= 0.998),
+        ("INT8 within 0.1 point of FP32", f"{100 * (fp32['accuracy'] - int8['accuracy']):+.2f} points",
+         fp32["accuracy"] - int8["accuracy"] <= 0.001 + 1e-9),
+        ("INT8 >= seed INT8 accuracy", f"{pct(int8['accuracy'])} vs {pct(seed_int8['accuracy'])}",
+         int8["accuracy"] >= seed_int8["accuracy"]),
+        ("INT8 latency <= FP32 latency (best runtime each)", f"{int8_best:.3f} ms vs {fp32_best:.3f} ms",
+         int8_best <= fp32_best),
+        ("deployed (INT8) p50 <= 0.2x seed INT8 p50", f"{int8_best / seed_int8['latency_p50_ms']:.2f}x",
+         int8_best <= 0.2 * seed_int8["latency_p50_ms"]),
+    ]
+    if width == 0.25:
+        out.append(("INT8 file <= 0.20 MB at width 0.25", f"{int8['size_bytes'] / 1e6:.3f} MB",
+                    int8["size_bytes"] <= 200_000))
+    inc = results["pipeline"].get("incremental")
+    if inc:
+        out.append(("incremental student.width run <= 35 % of full pipeline, teachers skipped",
+                    f"{100 * inc['ratio']:.0f} %, teachers skipped: {inc['teachers_skipped']}",
+                    inc["ratio"] <= 0.35 and inc["teachers_skipped"]))
+    return [{"goal": g, "measured": m, "met": bool(ok)} for g, m, ok in out]

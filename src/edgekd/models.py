@@ -1,0 +1,99 @@
+"""Teacher and student architectures, all stock torchvision modules.
+
+Keeping torchvision's own classes (not hand-written copies) means FX quantization can trace the
+students and a checkpoint rebuilds itself from `{"arch", "num_classes", "width"}`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models as tvm
+from torchvision.models.mobilenetv3 import MobileNetV3, _mobilenet_v3_conf
+
+from .config import STUDENT_ARCHS, TEACHER_ARCHS
+from .errors import UserError
+
+# Parameter-name prefix of each teacher's classifier head: never taken from a local weights file,
+# because its shape depends on the number of classes.
+_TEACHER_HEADS = {"resnet18": "fc.", "mobilenet_v2": "classifier.", "densenet121": "classifier."}
+
+
+def build_model(arch: str, num_classes: int, width: float = 1.0,
+                weights: str | Path | None = None) -> nn.Module:
+    """A freshly initialised network with a `num_classes` head.
+
+    `width` scales the students' channels (MobileNetV3 width multiplier); teachers have no such knob
+    and require 1.0. `weights` optionally loads a local teacher backbone (head excluded), for users
+    who have ImageNet weights on disk; nothing is ever downloaded.
+    """
+    if arch in TEACHER_ARCHS:
+        if width != 1.0:
+            raise ValueError(f"teacher {arch} has no width multiplier; got width={width}")
+        model = getattr(tvm, arch)(weights=None, num_classes=num_classes)
+        if weights is not None:
+            _load_backbone(model, arch, Path(weights))
+        return model
+    if weights is not None:
+        raise ValueError("local weights are supported for teachers only")
+    if arch == "mobilenet_v3_small":
+        return tvm.mobilenet_v3_small(weights=None, num_classes=num_classes, width_mult=width)
+    if arch == "mobilenet_v3_small_relu":
+        # Hardswish -> ReLU only; squeeze-excite (with its Hardsigmoid gate) stays.
+        model = tvm.mobilenet_v3_small(weights=None, num_classes=num_classes, width_mult=width)
+        return _hardswish_to_relu(model)
+    if arch == "mobilenet_v3_small_minimal":
+        return _minimal_mobilenet_v3_small(num_classes, width)
+    raise UserError(f"unknown architecture {arch!r}; valid: {list(TEACHER_ARCHS + STUDENT_ARCHS)}")
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _minimal_mobilenet_v3_small(num_classes: int, width: float) -> nn.Module:
+    """MobileNetV3-Small without squeeze-excite and with ReLU everywhere.
+
+    INT8 runtimes execute conv+ReLU as one integer kernel, while SE (pool, mul, Hardsigmoid) and
+    Hardswish stay float between quantize/dequantize pairs (see notes/quantization.md): this variant
+    is about as fast in INT8 as in FP32. Built from torchvision's own block table.
+    """
+    setting, last_channel = _mobilenet_v3_conf("mobilenet_v3_small", width_mult=width)
+    for block in setting:
+        block.use_se = False
+        block.use_hs = False  # "RE"
+    model = MobileNetV3(setting, last_channel, num_classes=num_classes)
+    return _hardswish_to_relu(model)  # the last conv and the classifier hard-code Hardswish
+
+
+def _hardswish_to_relu(model: nn.Module) -> nn.Module:
+    for name, child in model.named_children():
+        if isinstance(child, nn.Hardswish):
+            setattr(model, name, nn.ReLU(inplace=True))
+        else:
+            _hardswish_to_relu(child)
+    return model
+
+
+def _load_backbone(model: nn.Module, arch: str, path: Path) -> None:
+    """Load a local state dict into everything but the head; refuse anything else that mismatches."""
+    if not path.is_file():
+        raise UserError(f"params: teachers.weights.{arch}: file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable/unsafe file is the user's to fix
+        raise UserError(f"{path}: not a loadable state dict with weights_only=True ({err})") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: expected a state dict of tensors")
+    head = _TEACHER_HEADS[arch]
+    backbone = {k: v for k, v in state.items() if not k.startswith(head)}
+    try:
+        missing, unexpected = model.load_state_dict(backbone, strict=False)
+    except RuntimeError as err:  # same names, other shapes
+        raise UserError(f"{path}: does not match {arch}: {str(err).splitlines()[-1].strip()}") from None
+    missing = [k for k in missing if not k.startswith(head)]
+    if missing or unexpected:
+        raise UserError(f"{path}: does not match {arch}: missing {missing[:3]}, unexpected {unexpected[:3]}")

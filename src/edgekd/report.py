@@ -1,0 +1,139 @@
+"""Render the benchmark results (a plain dict, also saved as JSON) as Markdown and a trade-off plot.
+
+Pure functions of the results dict, so the report can be regenerated and tested without a run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+MAIN_COLUMNS = [
+    ("model", "model"),
+    ("accuracy", "test acc %"),
+    ("macro_f1", "macro-F1"),
+    ("size_bytes", "size"),
+    ("params", "params"),
+    ("latency_p50_ms", "p50 ms"),
+    ("latency_p90_ms", "p90 ms"),
+    ("throughput_ips", "img/s @32"),
+    ("p50_vs_seed_int8", "p50 / seed INT8"),
+    ("openvino_p50_ms", "OpenVINO p50 ms"),
+]
+VARIANT_COLUMNS = [
+    ("variant", "variant"),
+    ("fp32_accuracy", "FP32 acc %"),
+    ("int8_accuracy", "INT8 acc %"),
+    ("fp32_size_bytes", "FP32 size"),
+    ("int8_size_bytes", "INT8 size"),
+    ("fp32_latency_p50_ms", "FP32 p50 ms"),
+    ("int8_latency_p50_ms", "INT8 p50 ms"),
+]
+
+
+def format_value(key: str, value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, str):
+        return value
+    if "accuracy" in key:
+        return f"{100 * value:.2f}"
+    if key.endswith("size_bytes"):
+        return f"{value / 1e6:.3f} MB" if value >= 1e5 else f"{value / 1e3:.1f} KB"
+    if key == "params":
+        return f"{value / 1e6:.2f} M" if value >= 1e5 else f"{value / 1e3:.1f} K"
+    if key.endswith("_ms"):
+        return f"{value:.3f}"
+    if key == "throughput_ips":
+        return f"{value:,.0f}"
+    if key == "macro_f1":
+        return f"{value:.4f}"
+    if isinstance(value, float):
+        return f"{value:.2f}x" if key.startswith("p50_vs") else f"{value:.3g}"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
+    head = "| " + " | ".join(title for _, title in columns) + " |"
+    rule = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|"
+    body = ["| " + " | ".join(format_value(k, row.get(k)) for k, _ in columns) + " |" for row in rows]
+    return "\n".join([head, rule, *body])
+
+
+def pipeline_rows(pipeline: dict) -> list[dict]:
+    rows = [{"stage": name, "seconds": f"{sec:.0f}"} for name, sec in pipeline["stages"].items()]
+    rows.append({"stage": "**total (full run)**", "seconds": f"{pipeline['total_s']:.0f}"})
+    inc = pipeline.get("incremental")
+    if inc:
+        rows.append({"stage": f"incremental `{inc['command']}`",
+                     "seconds": f"{inc['total_s']:.0f} ({100 * inc['ratio']:.0f} % of full)"})
+    return rows
+
+
+def goal_rows(goals: Sequence[dict]) -> list[dict]:
+    return [{"goal": g["goal"], "measured": g["measured"], "met": "yes" if g["met"] else "**MISSED**"}
+            for g in goals]
+
+
+def render_markdown(results: dict) -> str:
+    machine = results["machine"]
+    parts = [
+        "# Benchmark: distilled, quantized rice classifier vs the seed models",
+        "",
+        f"Command: `{results['command']}`  ",
+        f"Date: {results['date']}  ",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores; " + ", ".join(
+            f"{k} {v}" for k, v in machine["versions"].items()),
+        f"Data: `{results['data_root']}`, test split of {results['test_images']} images "
+        "(never used for training or model selection).",
+        "",
+        "## Goals",
+        markdown_table(goal_rows(results["goals"]), [("goal", "goal"), ("measured", "measured"),
+                                                     ("met", "met")]),
+        "",
+        "## Main table (same test split, same machine, same run)",
+        "Latency: batch 1, 1 thread, median (p50) and p90 over repeated runs after warm-up; "
+        "throughput at batch 32. Teachers and their ensemble are PyTorch models (accuracy only).",
+        "",
+        markdown_table(results["main"], MAIN_COLUMNS),
+        "",
+        *[f"- {note}" for note in results.get("notes", [])],
+        "",
+        "## Student variants (accuracy / latency / size trade-off)",
+        "",
+        markdown_table(results["variants"], VARIANT_COLUMNS),
+        "",
+        "![trade-off](benchmark_tradeoff.png)",
+        "",
+        "## Pipeline cost",
+        "",
+        markdown_table(pipeline_rows(results["pipeline"]), [("stage", "stage"), ("seconds", "wall s")]),
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def plot_tradeoff(variants: Sequence[dict], path: Path) -> None:
+    """Accuracy vs latency, marker area ~ file size, FP32 and INT8 of each variant joined by a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for row in variants:
+        xs = [row["fp32_latency_p50_ms"], row["int8_latency_p50_ms"]]
+        ys = [100 * row["fp32_accuracy"], 100 * row["int8_accuracy"]]
+        sizes = [row["fp32_size_bytes"] / 2e3, row["int8_size_bytes"] / 2e3]
+        (line,) = ax.plot(xs, ys, "-", alpha=0.5)
+        ax.scatter(xs[:1], ys[:1], s=sizes[:1], color=line.get_color(), marker="o", alpha=0.7,
+                   label=f"{row['variant']} (o FP32, ^ INT8)")
+        ax.scatter(xs[1:], ys[1:], s=sizes[1:], color=line.get_color(), marker="^", alpha=0.7)
+    ax.set_xlabel("batch-1 p50 latency, ms (1 thread)")
+    ax.set_ylabel("test accuracy, %")
+    ax.set_title("Student variants: accuracy vs latency (marker area ~ file size)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

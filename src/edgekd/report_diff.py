@@ -1,0 +1,181 @@
+"""Turn DVC's diffs (`dvc params/metrics diff`, `dvc plots diff --json`) into a pull-request report.
+
+Pure functions of what the dvc commands print, so the report is tested on hand-made diffs and the
+entry point (`src/pr_report.py`) only runs dvc and writes files. The headline table exists because a
+reviewer scans for "did accuracy drop, did the model grow or slow down"; DVC's own tables follow it
+unchanged so nothing is hidden.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+# Leaf metric names worth a headline row, by which way is better. Matched on the leaf so that
+# `int8.accuracy`, `val_acc`, `teacher_ensemble_val_acc` and `test.macro_f1` all qualify; timings of
+# the training run itself (`wall_s`, `train_images_per_s`) are machine noise and stay out.
+_HIGHER_IS_BETTER = re.compile(r"(acc|accuracy|f1|agreement|throughput_ips)$")
+_LOWER_IS_BETTER = re.compile(r"^(size_bytes|params|latency_\w+_ms)$")
+
+
+def higher_is_better(leaf: str) -> bool | None:
+    """True / False for headline metrics, None for the rest."""
+    if _HIGHER_IS_BETTER.search(leaf):
+        return True
+    return False if _LOWER_IS_BETTER.search(leaf) else None
+
+
+@dataclass(frozen=True)
+class MetricChange:
+    path: str  # metrics file, e.g. metrics/evaluate.json
+    metric: str  # dotted key inside it, e.g. int8.latency_p50_ms
+    old: float | None  # None: absent at the base revision
+    new: float | None  # None: absent in the workspace
+
+    @property
+    def leaf(self) -> str:
+        return self.metric.rsplit(".", 1)[-1]
+
+    @property
+    def verdict(self) -> str:
+        """'better' / 'worse' / 'same', or '' when one side is missing."""
+        if self.old is None or self.new is None:
+            return ""
+        if self.new == self.old:
+            return "same"
+        return "better" if (self.new > self.old) == higher_is_better(self.leaf) else "worse"
+
+
+def headline_changes(metrics_diff: dict[str, dict[str, dict[str, Any]]]) -> list[MetricChange]:
+    """Pick the headline metrics out of `dvc metrics diff --json`, sorted by file then key."""
+    changes = []
+    for path, metrics in sorted(metrics_diff.items()):
+        for metric, values in sorted(metrics.items()):
+            change = MetricChange(path, metric, _number(values.get("old")), _number(values.get("new")))
+            if higher_is_better(change.leaf) is not None:
+                changes.append(change)
+    return changes
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def format_value(leaf: str, value: float | None) -> str:
+    """Human units: sizes in KiB, latencies in ms, throughput in images/s, scores as 0.xxxx."""
+    if value is None:
+        return "-"
+    if leaf == "size_bytes":
+        return f"{value / 1024:,.1f} KiB"
+    if leaf == "params":
+        return f"{value:,.0f}"
+    if leaf.startswith("latency"):
+        return f"{value:.3f} ms"
+    if leaf == "throughput_ips":
+        return f"{value:,.0f} img/s"
+    return f"{value:.4f}"
+
+
+def format_change(change: MetricChange) -> str:
+    """Absolute change in the metric's unit plus the relative change, e.g. `+12.0 KiB (+4.1%)`."""
+    if change.old is None or change.new is None:
+        return "new" if change.old is None else "removed"
+    delta = format_value(change.leaf, abs(change.new - change.old))
+    sign = "+" if change.new >= change.old else "-"
+    if change.old == 0:
+        return f"{sign}{delta}"
+    return f"{sign}{delta} ({(change.new - change.old) / abs(change.old):+.1%})"
+
+
+def headline_table(changes: list[MetricChange], base_label: str) -> str:
+    """Markdown table of headline metric changes; one row per (file, metric)."""
+    if not changes:
+        return "No headline metric (accuracy, F1, size, parameters, latency, throughput) changed.\n"
+    lines = [
+        f"| File | Metric | {base_label} | workspace | Change | Verdict |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for c in changes:
+        lines.append(
+            f"| {c.path} | {c.metric} | {format_value(c.leaf, c.old)} | {format_value(c.leaf, c.new)} "
+            f"| {format_change(c)} | {c.verdict} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def split_plots(plots_json: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Split `dvc plots diff --json` into (changed plot id -> Vega-Lite spec, unchanged ids).
+
+    A plot counts as changed when any revision's rows differ from another's, or when it exists in
+    only one revision (a new or deleted plot). DVC tags each data row with its `rev`.
+    """
+    changed: dict[str, dict[str, Any]] = {}
+    unchanged: list[str] = []
+    for plot_id, renders in sorted(plots_json.get("data", {}).items()):
+        for render in renders:
+            if render.get("type") != "vega":
+                continue
+            spec = render["content"]
+            if _rows_differ(spec, render.get("revisions", [])):
+                changed[plot_id] = spec
+            else:
+                unchanged.append(plot_id)
+    return changed, unchanged
+
+
+def _rows_differ(spec: dict[str, Any], revisions: list[str]) -> bool:
+    if len(revisions) < 2:
+        return True
+    rows_by_rev: dict[str, list[dict[str, Any]]] = {rev: [] for rev in revisions}
+    for row in spec.get("data", {}).get("values", []):
+        rest = {k: v for k, v in row.items() if k != "rev"}
+        rows_by_rev.setdefault(row.get("rev"), []).append(rest)
+    first, *others = rows_by_rev.values()
+    return any(rows != first for rows in others)
+
+
+def plot_filename(plot_id: str) -> str:
+    """A flat, shell-safe PNG name for a plot id (`plots/data/class_counts.csv` ->
+    `plots_data_class_counts.csv.png`)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", plot_id).strip("_") + ".png"
+
+
+def render_report(
+    base_label: str,
+    params_md: str,
+    metrics_md: str,
+    headline: str,
+    plot_images: dict[str, str],
+    unchanged_plots: list[str],
+    plots_url: str | None = None,
+) -> str:
+    """Assemble the Markdown report.
+
+    `plot_images` maps changed plot ids to image paths relative to the report. With `plots_url`
+    (CI: the run page holding the images as an artifact) the plots become links instead of inline
+    images, because a PR comment cannot show files that live only on the runner.
+    """
+    parts = [
+        f"# Experiment report: workspace vs `{base_label}`\n",
+        "## Headline metrics\n",
+        headline,
+        "## Params changed (`dvc params diff --md`)\n",
+        params_md.strip() + "\n" if params_md.strip() else "No params changed.\n",
+        "## Metrics changed (`dvc metrics diff --md`)\n",
+        metrics_md.strip() + "\n" if metrics_md.strip() else "No metrics changed.\n",
+        "## Plots changed (`dvc plots diff`)\n",
+        _plots_section(plot_images, plots_url),
+    ]
+    if unchanged_plots:
+        parts.append("Unchanged: " + ", ".join(f"`{p}`" for p in unchanged_plots) + "\n")
+    return "\n".join(parts)
+
+
+def _plots_section(plot_images: dict[str, str], plots_url: str | None) -> str:
+    if not plot_images:
+        return "No plot changed.\n"
+    if plots_url:
+        names = "\n".join(f"- `{plot_id}`: `{image}`" for plot_id, image in plot_images.items())
+        return f"Rendered images are in the `pr-report` artifact of [this run]({plots_url}):\n\n{names}\n"
+    return "\n".join(f"### `{plot_id}`\n\n![{plot_id}]({image})\n" for plot_id, image in plot_images.items())

@@ -1,0 +1,72 @@
+"""Stage `qat`: fine-tune the distilled student with INT8 fake-quant (CE + KD), save it for export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from src.edgekd import engine
+from src.edgekd.ckpt import load_model, model_payload, save_checkpoint
+from src.edgekd.config import as_dict, load_params
+from src.edgekd.data import load_info, load_split
+from src.edgekd.losses import ensemble_logits, kd_loss, prepare_teachers
+from src.edgekd.quant import convert, prepare_qat, set_qat_phase
+from src.edgekd.runtime import run_stage, seed_everything, select_device
+
+log = logging.getLogger("edgekd")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", required=True, help="prepared-data folder")
+    parser.add_argument("--student", required=True, help="distilled FP32 student checkpoint")
+    parser.add_argument("--teachers", required=True, help="folder of teacher checkpoints <arch>.pt")
+    parser.add_argument("--out", required=True, help="QAT checkpoint to write")
+    parser.add_argument("--metrics", required=True)
+    parser.add_argument("--live", default=None, help="dvclive folder")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args()
+    p = load_params(args.params)
+    seed_everything(p.seed)
+    select_device("cpu", p.train.threads)  # quantized FX modules run on CPU only
+
+    info = load_info(args.data)
+    train, val = load_split(args.data, "train"), load_split(args.data, "val")
+    student, payload = load_model(args.student)
+    teachers = prepare_teachers([load_model(Path(args.teachers) / f"{a}.pt")[0] for a in p.teachers.archs])
+    model = prepare_qat(student, info.image_size)  # fake-quant; QAT always runs on CPU (FX kernels)
+
+    def loss_fn(m, x, y):  # CE + KD against the same ensemble as distillation
+        logits = m(x)
+        return {**kd_loss(logits, ensemble_logits(teachers, x), y, p.kd.temperature, p.kd.alpha,
+                          p.train.label_smoothing), "logits": logits}
+
+    def on_epoch_start(epoch: int) -> None:
+        set_qat_phase(model, epoch, p.qat.freeze_bn_epoch, p.qat.freeze_observer_epoch)
+
+    optimizer, scheduler = engine.make_optimizer(model, p.qat.lr, p.train.weight_decay, p.qat.epochs,
+                                                 engine.steps_per_epoch(len(train[0]), p.train.batch_size))
+    setup = engine.FitSetup(
+        epochs=p.qat.epochs, batch_size=p.train.batch_size, eval_batch_size=p.train.eval_batch_size,
+        seed=p.seed, mean=info.mean, std=info.std, patience=0, live_dir=args.live,
+        resume_path=f"{args.out}.resume",
+        fingerprint=engine.fingerprint(as_dict(p.qat), as_dict(p.kd), as_dict(p.train), p.seed,
+                                       *payload["state_dict"].values(), train[1], val[1]))
+    result = engine.fit(model, loss_fn, optimizer, scheduler, train, val, setup, on_epoch_start)
+    int8_acc = engine.evaluate(convert(model), *val, info.mean, info.std, p.train.eval_batch_size)["acc"]
+
+    spec = payload["model"]
+    save_checkpoint(args.out, model_payload(model, spec["arch"], spec["width"], info, qat=as_dict(p.qat)))
+    metrics = {"val_acc_fake_quant": result.best_val_acc, "val_acc_int8_torch": int8_acc,
+               "val_acc_fp32_start": engine.evaluate(student, *val, info.mean, info.std)["acc"],
+               "best_epoch": result.best_epoch, "train_seconds": result.train_seconds}
+    Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.metrics).write_text(json.dumps(metrics, indent=2) + "\n")
+    log.info("qat: val acc fp32 %.4f -> fake-quant %.4f, int8 torch %.4f", metrics["val_acc_fp32_start"],
+             result.best_val_acc, int8_acc)
+
+
+if __name__ == "__main__":
+    run_stage(main)

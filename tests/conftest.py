@@ -1,0 +1,111 @@
+"""Shared fixtures: the real rice sample and small real trees copied from it.
+
+- `rice_sample_dir`: the read-only 5,020-image sample (`../shared/datasets/rice-image`); fails the
+  test loudly if it is missing (CI has it; a silent skip would hide a broken set-up).
+- `rice_tree_factory(per_class, name)`: copies the first `per_class` images (sorted names) of each
+  variety into a fresh tmp tree `<tmp>/<name>/<Variety>/` and returns its path (cached per args).
+- `small_rice_tree`: that tree with 20 real images per variety (100 JPEGs, real file names such as
+  `Arborio (10005).jpg`).
+- `prepared_small`: `prepare_dataset` run on `small_rice_tree` at image_size 32 into a tmp
+  `prepared/` folder (train/val/test npz + csv + info.json): real prepared data for training and
+  export tests. Treat both trees and the prepared folder as read-only; copy before modifying.
+- `make_png(width, height, bit_depth, colour_type, rows)`: hand-written PNG bytes (any header,
+  e.g. a 100,000 x 100,000 decompression bomb of a few bytes, or 16-bit RGB).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from src.edgekd.config import DataConfig
+from src.edgekd.data import prepare_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+RICE_SAMPLE = REPO.parent / "shared/datasets/rice-image"
+RICE_CLASSES = ("Arborio", "Basmati", "Ipsala", "Jasmine", "Karacadag")
+SMALL_PER_CLASS = 20
+SMALL_IMAGE_SIZE = 32
+
+
+@pytest.fixture(scope="session")
+def rice_sample_dir() -> Path:
+    if not all((RICE_SAMPLE / c).is_dir() for c in RICE_CLASSES):
+        pytest.fail(f"real rice sample missing at {RICE_SAMPLE} (expected ../shared/datasets/"
+                    f"rice-image next to the repo, with folders {RICE_CLASSES})")
+    return RICE_SAMPLE
+
+
+@pytest.fixture(scope="session")
+def rice_tree_factory(rice_sample_dir: Path, tmp_path_factory) -> Callable[..., Path]:
+    made: dict[tuple[int, str], Path] = {}
+
+    def make(per_class: int, name: str = "rice") -> Path:
+        key = (per_class, name)
+        if key not in made:
+            root = tmp_path_factory.mktemp("trees") / name
+            for cls in RICE_CLASSES:
+                (root / cls).mkdir(parents=True)
+                for src in sorted((rice_sample_dir / cls).iterdir())[:per_class]:
+                    shutil.copyfile(src, root / cls / src.name)
+            made[key] = root
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def small_rice_tree(rice_tree_factory) -> Path:
+    return rice_tree_factory(SMALL_PER_CLASS, "small")
+
+
+@pytest.fixture(scope="session")
+def prepared_small(small_rice_tree: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("prepared_small") / "prepared"
+    prepare_dataset(small_rice_tree, out, DataConfig(image_size=SMALL_IMAGE_SIZE), seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_repo_template(rice_tree_factory, tmp_path_factory) -> Path:
+    """This project, copied and fully reproduced once with tiny params on 12 real images per class."""
+    from tiny_pipeline import make_tiny_repo
+
+    return make_tiny_repo(tmp_path_factory.mktemp("tiny") / "repo", rice_tree_factory(12, "tiny"))
+
+
+@pytest.fixture
+def tiny_repo(tiny_repo_template: Path, tmp_path: Path) -> Path:
+    """A private copy of the reproduced tiny project (git history and DVC cache included)."""
+    from tiny_pipeline import clone_tiny_repo
+
+    return clone_tiny_repo(tiny_repo_template, tmp_path / "repo")
+
+
+def png_bytes(width: int, height: int, bit_depth: int = 8, colour_type: int = 2,
+              rows: bytes | None = None) -> bytes:
+    """A PNG written by hand: lets tests declare any header (a 100,000 x 100,000 'bomb' whose
+    pixel data is absent) or a bit depth PIL cannot write (48-bit RGB). `rows` is the raw scanline
+    data without filter bytes; None writes a single empty IDAT."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    if rows is None:
+        idat = zlib.compress(b"")
+    else:
+        stride = len(rows) // height
+        idat = zlib.compress(b"".join(b"\0" + rows[i * stride:(i + 1) * stride] for i in range(height)))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="session")
+def make_png() -> Callable[..., bytes]:
+    """`png_bytes` as a fixture, so test modules need not import conftest."""
+    return png_bytes

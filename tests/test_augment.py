@@ -1,0 +1,54 @@
+"""Augmentation keeps shapes and dtype, is seeded, and draws its parameters per sample."""
+
+import pytest
+import torch
+
+from src.edgekd.augment import augment_batch, normalize
+from src.edgekd.data import load_split
+
+
+@pytest.fixture(scope="module")
+def images(prepared_small):
+    return load_split(prepared_small, "train")[0][:8]  # (8, 3, 32, 32) uint8, real rice
+
+
+def test_shape_and_dtype_kept(images):
+    out = augment_batch(images, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    assert not torch.equal(out, images)
+
+
+def test_deterministic_under_the_seed(images):
+    a = augment_batch(images, torch.Generator().manual_seed(1))
+    b = augment_batch(images, torch.Generator().manual_seed(1))
+    c = augment_batch(images, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_parameters_differ_per_sample(images):
+    same = images[:1].repeat(16, 1, 1, 1)  # one image 16 times
+    out = augment_batch(same, torch.Generator().manual_seed(0))
+    distinct = {bytes(o.flatten().tolist()) for o in out}
+    assert len(distinct) == 16
+
+
+def test_input_not_modified(images):
+    before = images.clone()
+    augment_batch(images, torch.Generator().manual_seed(0))
+    assert torch.equal(images, before)
+
+
+def test_rejects_float_or_non_square():
+    g = torch.Generator()
+    with pytest.raises(ValueError, match="uint8"):
+        augment_batch(torch.zeros(2, 3, 8, 8), g)
+    with pytest.raises(ValueError, match="square"):
+        augment_batch(torch.zeros(2, 3, 8, 9, dtype=torch.uint8), g)
+
+
+def test_normalize():
+    x = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 2, 2)
+    out = normalize(x, mean=[0.0, 0.2, 0.5], std=[1.0, 0.5, 0.25])
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 2, 2)
+    torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([0.0, 0.0, 2.0]))

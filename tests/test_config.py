@@ -1,0 +1,84 @@
+"""params.yaml validation: every bad value fails with one line naming the parameter and what is allowed."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from src.edgekd.config import ParamError, Params, load_params, params_from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def repo_params() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def with_override(key: str, value) -> dict:
+    raw = repo_params()
+    *parents, leaf = key.split(".")
+    node = raw
+    for name in parents:
+        node = node[name]
+    node[leaf] = value
+    return raw
+
+
+def test_repo_params_are_valid_and_match_dataclass_defaults_types():
+    params = load_params(REPO / "params.yaml")
+    assert isinstance(params, Params)
+    assert params.teachers.archs == ("resnet18", "mobilenet_v2", "densenet121")
+    assert 0 < params.student.width <= 4
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [
+        ("student.width", -1, "0 < width"),
+        ("student.width", 0, "0 < width"),
+        ("kd.temperature", 0, "> 0"),
+        ("kd.alpha", 1.5, "0 <= alpha <= 1"),
+        ("kd.alpha", -0.1, "0 <= alpha <= 1"),
+        ("student.epochs", 0, ">= 1"),
+        ("teachers.epochs", 0, ">= 1"),
+        ("qat.epochs", 0, ">= 1"),
+        ("student.arch", "resnet9000", "one of"),
+        ("teachers.archs", ["resnet18", "vgg16"], "one of"),
+        ("data.image_size", 16, ">= 32"),
+        ("train.device", "tpu", "one of"),
+        ("student.width", "wide", "a finite number"),
+        ("student.epochs", 2.5, "an integer"),
+        ("data.val_fraction", 1.2, "0 < x < 1"),
+    ],
+)
+def test_bad_values_fail_with_one_line_naming_param(key, value, allowed):
+    with pytest.raises(ParamError) as info:
+        params_from_dict(with_override(key, value))
+    message = str(info.value)
+    assert "\n" not in message
+    assert key in message
+    shown = value[-1] if isinstance(value, list) else value  # a list names its bad item
+    assert repr(shown) in message
+    assert allowed in message
+
+
+def test_fractions_that_leave_nothing_to_train_on():
+    raw = with_override("data.val_fraction", 0.9)
+    with pytest.raises(ParamError, match=r"data.val_fraction \+ data.test_fraction.*a sum < 1"):
+        params_from_dict(raw)
+
+
+def test_unknown_key_is_rejected():
+    raw = repo_params()
+    raw["student"]["widht"] = 0.5
+    with pytest.raises(ParamError, match="unknown key student.widht"):
+        params_from_dict(raw)
+
+
+def test_missing_and_invalid_params_file(tmp_path):
+    with pytest.raises(ParamError, match="file not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("student: [unclosed")
+    with pytest.raises(ParamError, match="not valid YAML"):
+        load_params(bad)

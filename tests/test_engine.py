@@ -1,0 +1,128 @@
+"""The shared training loop on real rice images: learning, selection, early stop, resume, determinism."""
+
+import csv
+
+import pytest
+import torch
+
+from src.edgekd.data import load_info, load_split
+from src.edgekd.engine import (FitSetup, evaluate, fingerprint, fit, iterate_batches, make_optimizer,
+                               steps_per_epoch, train_one_epoch)
+from src.edgekd.losses import ce_loss_fn
+from src.edgekd.models import build_model
+from src.edgekd.runtime import seed_everything
+
+
+@pytest.fixture(scope="module")
+def data(prepared_small):
+    info = load_info(prepared_small)
+    return info, load_split(prepared_small, "train"), load_split(prepared_small, "val")
+
+
+def _setup(info, tmp_path=None, epochs=3, **kw):
+    live = None if tmp_path is None else tmp_path / "live"
+    return FitSetup(epochs=epochs, batch_size=16, eval_batch_size=64, seed=7, mean=info.mean, std=info.std,
+                    live_dir=live, resume_path=None if live is None else live / "resume.pt", **kw)
+
+
+def _run(info, train, val, setup, lr=0.01, on_epoch_start=None):
+    seed_everything(0)  # what each stage does first
+    model = build_model("mobilenet_v3_small", len(info.classes), 0.25)
+    optimizer, scheduler = make_optimizer(model, lr, 0.05, setup.epochs, steps_per_epoch(len(train[0]), 16))
+    result = fit(model, ce_loss_fn(0.1), optimizer, scheduler, train, val, setup, on_epoch_start)
+    return model, result
+
+
+def test_training_steps_on_real_images_reduce_loss(data):
+    info, train, _ = data
+    seed_everything(0)
+    model = build_model("mobilenet_v3_small", len(info.classes), 0.25)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    setup = _setup(info)
+    x, y = next(iterate_batches(*train, setup, torch.Generator().manual_seed(0), augment=False))
+    before = model.classifier[-1].weight.detach().clone()
+    losses = [train_one_epoch(model, ce_loss_fn(0.0), optimizer, None, iter([(x, y)]), setup.device)["loss"]
+              for _ in range(8)]
+    assert losses[-1] < 0.7 * losses[0]
+    assert not torch.equal(before, model.classifier[-1].weight)
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """One uninterrupted 3-epoch run, shared by the selection, resume and determinism tests."""
+    info, train, val = data
+    tmp_path = tmp_path_factory.mktemp("reference")
+    model, result = _run(info, train, val, _setup(info, tmp_path, fingerprint="run"))
+    return tmp_path, model, result
+
+
+def test_fit_selects_best_val_epoch_and_logs_curves(data, reference):
+    info, _, val = data
+    tmp_path, model, result = reference
+    assert result.epochs_run == 3 and len(result.history) == 3
+    assert result.best_val_acc == max(row["val_acc"] for row in result.history)
+    assert evaluate(model, *val, info.mean, info.std)["acc"] == pytest.approx(result.best_val_acc)
+    with open(tmp_path / "live/plots/metrics/val_acc.tsv") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    assert [int(r["step"]) for r in rows] == [0, 1, 2]
+    assert not (tmp_path / "live/resume.pt").exists()  # removed after success
+
+
+def test_early_stopping_on_val(data):
+    info, train, val = data
+    _, result = _run(info, train, val, _setup(info, epochs=6, patience=2), lr=1e-12)  # val acc cannot move
+    assert result.epochs_run == 3 and result.best_epoch == 0
+
+
+class _Killed(Exception):
+    pass
+
+
+def _kill_at(epoch_to_kill):
+    def on_epoch_start(epoch):
+        if epoch == epoch_to_kill:
+            raise _Killed
+
+    return on_epoch_start
+
+
+def test_killed_run_resumes_to_identical_results_and_same_seed_is_deterministic(data, reference, tmp_path):
+    info, train, val = data
+    _, ref_model, ref = reference
+    setup = _setup(info, tmp_path / "resumed", fingerprint="run")
+    with pytest.raises(_Killed):
+        _run(info, train, val, setup, on_epoch_start=_kill_at(2))
+    assert setup.resume_path.is_file()
+    started = []
+    model, resumed = _run(info, train, val, setup, on_epoch_start=started.append)
+    assert started == [2]  # only the missing epoch was trained
+    drop = ("seconds", "images_per_s")
+    strip = lambda hist: [{k: v for k, v in row.items() if k not in drop} for row in hist]  # noqa: E731
+    assert strip(resumed.history) == strip(ref.history)
+    for key, value in ref_model.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    with open(setup.live_dir / "plots/metrics/loss.tsv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f, delimiter="\t")] == [0, 1, 2]
+    assert not setup.resume_path.exists()
+
+    # determinism: a fresh run with the same seed reproduces the reference bit for bit
+    _, again = _run(info, train, val, _setup(info))  # no dvclive, no resume file
+    assert strip(again.history) == strip(ref.history)
+
+
+def test_stale_resume_file_is_ignored(data, tmp_path):
+    info, train, val = data
+    setup = _setup(info, tmp_path, epochs=2, fingerprint="old-params")
+    with pytest.raises(_Killed):
+        _run(info, train, val, setup, on_epoch_start=_kill_at(1))
+    started = []
+    new = _setup(info, tmp_path, epochs=2, fingerprint="new-params")
+    _run(info, train, val, new, on_epoch_start=started.append)
+    assert started == [0, 1]  # trained from scratch
+
+
+def test_fingerprint_sees_values_and_tensor_contents():
+    a = torch.zeros(3)
+    assert fingerprint({"lr": 0.1}, a) == fingerprint({"lr": 0.1}, torch.zeros(3))
+    assert fingerprint({"lr": 0.1}, a) != fingerprint({"lr": 0.2}, a)
+    assert fingerprint([{"w": a}]) != fingerprint([{"w": torch.ones(3)}])

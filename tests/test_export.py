@@ -1,0 +1,113 @@
+"""ONNX export on a tiny student at 32 px: parity, metadata round trip, integer-kernel check."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from src.edgekd.augment import normalize
+from src.edgekd.bench import make_runner
+from src.edgekd.data import load_info, load_split
+from src.edgekd.errors import UserError
+from src.edgekd.export import ModelMeta, compare, conv_kernels, export_onnx, read_metadata
+from src.edgekd.images import RESIZE_METHOD
+from src.edgekd.models import build_model
+from src.edgekd.quant import convert, prepare_qat
+
+ARCH = "mobilenet_v3_small"  # the stock net: SE, Hardswish, residual adds all have to quantize
+
+
+@pytest.fixture(scope="module")
+def val_x(prepared_small):
+    info = load_info(prepared_small)
+    return normalize(load_split(prepared_small, "val")[0], info.mean, info.std)  # (N, 3, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def meta(prepared_small):
+    info = load_info(prepared_small)
+    return ModelMeta(classes=info.classes, image_size=info.image_size, mean=info.mean, std=info.std,
+                     arch=ARCH, width=0.25, params=123)
+
+
+@pytest.fixture(scope="module")
+def fp32(meta):
+    torch.manual_seed(0)
+    return build_model(ARCH, len(meta.classes), 0.25).eval()
+
+
+@pytest.fixture(scope="module")
+def exported(fp32, meta, val_x, tmp_path_factory):
+    """FP32 and INT8 files of the same network; ranges calibrated on real training-like images."""
+    out = tmp_path_factory.mktemp("export")
+    qat = prepare_qat(fp32, meta.image_size)
+    with torch.no_grad():
+        qat(val_x)
+    qat.eval()
+    return {"fp32": export_onnx(fp32, out / "fp32.onnx", meta, 17),
+            "int8": export_onnx(convert(qat), out / "int8.onnx", meta, 17), "qat": qat}
+
+
+def test_fp32_parity_and_dynamic_batch(exported, fp32, val_x):
+    report = compare(fp32, make_runner(exported["fp32"]), val_x, batch=7)  # uneven last batch
+    assert report["max_abs_diff"] <= 1e-4 and report["top1_agreement"] == 1.0
+    assert report["images"] == len(val_x)
+
+
+def test_metadata_round_trip(exported, meta):
+    for path in (exported["fp32"], exported["int8"]):
+        assert read_metadata(path) == meta
+        props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+        assert json.loads(props["classes"]) == meta.classes and props["resize"] == RESIZE_METHOD
+    assert read_metadata(exported["int8"]).precision == "fp32"  # as given: export does not guess it
+
+
+def test_missing_or_malformed_metadata_is_refused(exported, tmp_path):
+    model = onnx.load(str(exported["fp32"]))
+    del model.metadata_props[:]
+    onnx.save(model, str(tmp_path / "bare.onnx"))
+    with pytest.raises(UserError, match=r"metadata lacks \['classes', 'image_size'"):
+        read_metadata(tmp_path / "bare.onnx")
+    onnx.helper.set_model_props(model, {"classes": "[oops", "image_size": "32", "mean": "[0,0,0]",
+                                        "std": "[1,1,1]", "resize": RESIZE_METHOD})
+    onnx.save(model, str(tmp_path / "bad.onnx"))
+    with pytest.raises(UserError, match="malformed"):
+        read_metadata(tmp_path / "bad.onnx")
+    (tmp_path / "text.onnx").write_text("hello")
+    with pytest.raises(UserError, match="not a readable ONNX"):
+        read_metadata(tmp_path / "text.onnx")
+
+
+def test_every_int8_conv_runs_as_integer_kernel(exported):
+    n_convs = sum(n.op_type == "Conv" for n in onnx.load(str(exported["fp32"])).graph.node)
+    assert conv_kernels(exported["int8"]) == {"integer": n_convs, "float": 0}
+    assert conv_kernels(exported["fp32"]) == {"integer": 0, "float": n_convs}  # the check can fail
+
+
+def test_int8_mirrors_runtime_scheme(exported):
+    """U8 activations and S8 per-channel symmetric weights: what ORT runs fastest and QAT simulates."""
+    graph = onnx.load(str(exported["int8"])).graph
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    dq_weights = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+                  and inits[n.input[0]].ndim == 4]
+    assert dq_weights and all(inits[n.input[0]].dtype == np.int8 for n in dq_weights)
+    assert all(not inits[n.input[2]].any() and inits[n.input[1]].size == inits[n.input[0]].shape[0]
+               for n in dq_weights)  # zero point 0, one scale per output channel
+    quantize = [n for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert quantize and all(inits[n.input[2]].dtype == np.uint8 for n in quantize)
+
+
+def test_int8_onnx_matches_fake_quant_on_real_images(exported, val_x):
+    report = compare(exported["qat"], make_runner(exported["int8"]), val_x)
+    assert report["top1_agreement"] >= 0.95
+    assert report["max_abs_diff"] < 0.1
+
+
+def test_openvino_runs_the_same_int8_file(exported, val_x):
+    ort_out = make_runner(exported["int8"])(val_x[:4].numpy())
+    ov_out = make_runner(exported["int8"], "openvino")(val_x[:4].numpy())
+    assert (ort_out.argmax(1) == ov_out.argmax(1)).all()

@@ -1,0 +1,89 @@
+"""Every architecture name builds, runs forward at small inputs and matches config's lists."""
+
+import pytest
+import torch
+from torch import nn
+
+from src.edgekd.config import STUDENT_ARCHS, TEACHER_ARCHS
+from src.edgekd.errors import UserError
+from src.edgekd.models import build_model, count_params
+
+
+@pytest.mark.parametrize("arch", TEACHER_ARCHS)
+def test_teacher_forward(arch):
+    model = build_model(arch, num_classes=5).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 5)
+
+
+@pytest.mark.parametrize("width", [0.25, 0.5, 1.0])
+@pytest.mark.parametrize("arch", STUDENT_ARCHS)
+def test_student_forward_and_width(arch, width):
+    model = build_model(arch, num_classes=5, width=width).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 5)
+    assert model.features[0][0].out_channels == max(8, round(16 * width / 8) * 8)
+
+
+def test_width_scales_parameters():
+    assert count_params(build_model("mobilenet_v3_small", 5, 0.25)) < count_params(
+        build_model("mobilenet_v3_small", 5, 0.5)) < count_params(build_model("mobilenet_v3_small", 5, 1.0))
+
+
+def _types(model):
+    return {type(m) for m in model.modules()}
+
+
+def test_relu_variant_keeps_squeeze_excite_but_has_no_hardswish():
+    types = _types(build_model("mobilenet_v3_small_relu", 5, 0.25))
+    assert nn.Hardswish not in types and nn.ReLU in types
+    assert nn.Hardsigmoid in types  # the SE gate
+    assert nn.Hardswish in _types(build_model("mobilenet_v3_small", 5, 0.25))
+
+
+def test_minimal_variant_has_no_squeeze_excite_and_only_relu():
+    model = build_model("mobilenet_v3_small_minimal", 5, 0.25)
+    types = _types(model)
+    assert nn.Hardswish not in types and nn.Hardsigmoid not in types
+    assert not any("SqueezeExcitation" in t.__name__ for t in types)
+    assert count_params(model) < count_params(build_model("mobilenet_v3_small_relu", 5, 0.25))
+
+
+@pytest.mark.parametrize("arch", STUDENT_ARCHS)
+def test_students_trace_with_fx(arch):
+    # FX quantization (QAT) needs a symbolically traceable module.
+    model = build_model(arch, 5, 0.25).eval()
+    traced = torch.fx.symbolic_trace(model)
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(traced(x), model(x))
+
+
+def test_unknown_arch_lists_valid_names():
+    with pytest.raises(UserError, match="mobilenet_v3_small_minimal") as err:
+        build_model("resnet50", 5)
+    assert "densenet121" in str(err.value)
+
+
+def test_teachers_have_no_width():
+    with pytest.raises(ValueError, match="width"):
+        build_model("resnet18", 5, width=0.5)
+
+
+def test_local_teacher_weights_load_backbone_but_not_head(tmp_path):
+    donor = build_model("resnet18", num_classes=10)  # e.g. other data set: different head
+    path = tmp_path / "r18.pth"
+    torch.save(donor.state_dict(), path)
+    model = build_model("resnet18", 5, weights=path)
+    torch.testing.assert_close(model.conv1.weight, donor.conv1.weight)
+    assert model.fc.out_features == 5
+
+
+def test_local_teacher_weights_missing_or_mismatched(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        build_model("resnet18", 5, weights=tmp_path / "nope.pth")
+    path = tmp_path / "mnv2.pth"
+    torch.save(build_model("mobilenet_v2", 5).state_dict(), path)
+    with pytest.raises(UserError, match="does not match resnet18"):
+        build_model("resnet18", 5, weights=path)

@@ -1,0 +1,74 @@
+"""`python -m src.predict`: metadata-only preprocessing, per-file errors, exit codes, JSON lines."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+from src.edgekd.export import ModelMeta, export_onnx
+from src.edgekd.models import build_model
+from src.predict import main
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["Arborio", "Basmati", "Ipsala", "Jasmine", "Karacadag"]
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    torch.manual_seed(0)
+    meta = ModelMeta(classes=CLASSES, image_size=32, mean=[0.1, 0.1, 0.1], std=[0.2, 0.2, 0.2])
+    out = tmp_path_factory.mktemp("predict") / "m.onnx"
+    return export_onnx(build_model("mobilenet_v3_small_minimal", 5, 0.25), out, meta, 17)
+
+
+@pytest.fixture()
+def mixed_folder(small_rice_tree, tmp_path):
+    """Two real images (one in a sub-folder, name with a space), a corrupt JPEG, a text `.jpg`."""
+    good = sorted((small_rice_tree / "Arborio").iterdir())[:2]
+    (tmp_path / "sub dir").mkdir()
+    shutil.copyfile(good[0], tmp_path / good[0].name)
+    shutil.copyfile(good[1], tmp_path / "sub dir" / good[1].name)
+    (tmp_path / "corrupt.jpg").write_bytes(good[0].read_bytes()[:300])
+    (tmp_path / "notes.jpg").write_text("not an image")
+    (tmp_path / "readme.txt").write_text("ignored: not an image extension")
+    return tmp_path
+
+
+def test_json_lines_for_good_files_errors_for_bad_and_nonzero_exit(model_path, mixed_folder, capsys):
+    rc = main([str(model_path), str(mixed_folder), "--json"])
+    out, err = capsys.readouterr()
+    records = [json.loads(line) for line in out.splitlines()]
+    assert rc == 1
+    assert len(records) == 2 and {Path(r["path"]).parent.name for r in records} == {mixed_folder.name, "sub dir"}
+    assert all(r["class"] in CLASSES and 0.2 <= r["confidence"] <= 1 for r in records)
+    errors = err.splitlines()
+    assert len(errors) == 2 and all(e.startswith("error: ") for e in errors)
+    assert any("corrupt.jpg" in e for e in errors) and any("notes.jpg" in e for e in errors)
+
+
+def test_all_good_files_exit_zero_with_text_and_bench(model_path, small_rice_tree, capsys):
+    files = sorted((small_rice_tree / "Basmati").iterdir())[:3]
+    rc = main([str(model_path), *map(str, files), "--bench"])
+    out, err = capsys.readouterr()
+    assert rc == 0
+    lines = out.splitlines()
+    assert len(lines) == 3 and all(line.endswith(" ms") and line.split("\t")[1] in CLASSES for line in lines)
+    assert "p50" in err
+
+
+def test_model_without_metadata_is_refused_with_one_line(model_path, small_rice_tree, tmp_path):
+    bare = onnx.load(str(model_path))
+    del bare.metadata_props[:]
+    onnx.save(bare, str(tmp_path / "bare.onnx"))
+    image = sorted((small_rice_tree / "Ipsala").iterdir())[0]
+    proc = subprocess.run([sys.executable, "-m", "src.predict", str(tmp_path / "bare.onnx"), str(image)],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "metadata lacks" in proc.stderr

@@ -1,0 +1,115 @@
+"""Training stages end to end on real rice images, and DVC's rerun rules for them.
+
+The last test is the pipeline contract of issue 3: after a full run, changing `student.*` or
+`kd.*` must rerun the student stages but never a teacher.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from src.edgekd.ckpt import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"train": {"batch_size": 16, "eval_batch_size": 64}, "teachers": {"epochs": 1},
+        "student": {"epochs": 1}}
+
+
+def _params(tmp_path: Path, **sections) -> Path:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for name, values in {**TINY, **sections}.items():
+        raw[name] = {**raw[name], **values}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _stage(module: str, *args, cwd=REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"src.stages.{module}", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_teacher_baseline_distill_stages(prepared_small, tmp_path):
+    params = _params(tmp_path, teachers={"epochs": 1, "archs": ["resnet18", "mobilenet_v2"]})
+    for arch in ("resnet18", "mobilenet_v2"):
+        run = _stage("train_teacher", "--arch", arch, "--data", prepared_small, "--out",
+                     tmp_path / f"teachers/{arch}.pt", "--metrics", tmp_path / f"teacher_{arch}.json",
+                     "--live", tmp_path / f"live_{arch}", "--params", params)
+        assert run.returncode == 0, run.stderr
+    metrics = json.loads((tmp_path / "teacher_resnet18.json").read_text())
+    assert {"val_acc", "params", "epochs_run", "wall_s", "train_images_per_s"} <= set(metrics)
+    ckpt = load_checkpoint(tmp_path / "teachers/resnet18.pt")
+    assert ckpt["model"] == {"arch": "resnet18", "num_classes": 5, "width": 1.0}
+    assert ckpt["image_size"] == 32 and len(ckpt["mean"]) == 3
+
+    for mode, out in (("baseline", "baseline.pt"), ("distill", "student_fp32.pt")):
+        run = _stage("train_student", "--mode", mode, "--data", prepared_small, "--teachers",
+                     tmp_path / "teachers", "--out", tmp_path / out, "--metrics", tmp_path / f"{mode}.json",
+                     "--live", tmp_path / f"live_{mode}", "--params", params)
+        assert run.returncode == 0, run.stderr
+    distill = json.loads((tmp_path / "distill.json").read_text())
+    assert 0 <= distill["teacher_ensemble_val_acc"] <= 1 and distill["train_images_per_s"] > 0
+    assert load_checkpoint(tmp_path / "student_fp32.pt")["model"]["width"] == 0.25
+    assert (tmp_path / "live_distill/plots/metrics/val_acc.tsv").is_file()
+    assert not (tmp_path / "live_distill/resume.pt").exists()
+
+
+def test_stage_errors_are_one_line(prepared_small, tmp_path):
+    params = _params(tmp_path)
+    run = _stage("train_teacher", "--arch", "resnet50", "--data", prepared_small, "--out", tmp_path / "t.pt",
+                 "--metrics", tmp_path / "m.json", "--params", params)
+    assert run.returncode == 2 and run.stderr.strip().startswith("error: --arch 'resnet50'")
+    run = _stage("train_student", "--mode", "distill", "--data", prepared_small, "--teachers",
+                 tmp_path / "none", "--out", tmp_path / "s.pt", "--metrics", tmp_path / "m.json", "--params", params)
+    assert run.returncode == 2
+    assert run.stderr.strip() == f"error: {tmp_path / 'none/resnet18.pt'}: checkpoint not found (run the stage that writes it first)"
+    assert not (tmp_path / "s.pt").exists()
+
+
+def _dvc(repo: Path, *args) -> str:
+    run = subprocess.run(["dvc", *args], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run.stdout
+
+
+def _changed(repo: Path, **edits) -> set[str]:
+    """Stages `dvc status` reports after editing params.yaml (restored afterwards)."""
+    path = repo / "params.yaml"
+    original = path.read_text()
+    raw = yaml.safe_load(original)
+    for key, value in edits.items():
+        section, name = key.split("__")
+        raw[section][name] = value
+    path.write_text(yaml.safe_dump(raw))
+    try:
+        return set(json.loads(_dvc(repo, "status", "baseline", "distill", "--json")))
+    finally:
+        path.write_text(original)
+
+
+def test_student_and_kd_params_never_rerun_teachers(rice_tree_factory, tmp_path):
+    tree = rice_tree_factory(8, "dvc_tiny")  # 40 real images
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copytree(REPO / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", repo)
+    raw = yaml.safe_load(_params(tmp_path).read_text())
+    raw["data"].update(root=str(tree), image_size=32)
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw))
+    subprocess.run("git init -q && dvc init -q && git add -A && git -c user.name=t -c user.email=t@t "
+                   "commit -qm init", shell=True, cwd=repo, check=True)
+
+    _dvc(repo, "repro", "baseline", "distill")
+    assert _changed(repo) == set()
+    teachers = {f"train_teacher@{a}" for a in raw["teachers"]["archs"]}
+    width = _changed(repo, student__width=0.5)
+    assert {"baseline", "distill"} <= width and not width & teachers
+    temperature = _changed(repo, kd__temperature=2.0)
+    assert "distill" in temperature and "baseline" not in temperature and not temperature & teachers
+    dry = _dvc(repo, "exp", "run", "--dry", "-S", "kd.temperature=2", "distill")
+    assert "Running stage 'distill'" in dry and "Running stage 'train_teacher" not in dry

@@ -1,0 +1,81 @@
+"""A throwaway git + DVC copy of this project with tiny params, for end-to-end pipeline tests.
+
+Building one runs the whole `dvc repro` once (about a minute on 2 cores); tests then work on
+cheap copies of it (`cp -a` keeps .git and the DVC cache), so each can change params, rerun,
+fail or check out without touching the others or this checkout.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_OVERRIDES = {
+    "data": {"image_size": 32},
+    "train": {"batch_size": 16},
+    "teachers": {"epochs": 1},
+    "student": {"epochs": 1},
+    "qat": {"epochs": 1, "freeze_bn_epoch": 0, "freeze_observer_epoch": 1},
+    "export": {"min_int8_agreement": 0.0},  # 1-epoch models: parity is tested elsewhere
+    "bench": {"warmup": 2, "runs": 10, "batch": 4},
+}
+
+
+def sh(*cmd: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command, capturing text output; a failure shows its output in the assertion."""
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def deep_update(base: dict, overrides: dict) -> dict:
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            deep_update(base.setdefault(key, {}), value)
+        else:
+            base[key] = value
+    return base
+
+
+def project_files() -> list[str]:
+    """Tracked and untracked-but-not-ignored files: what a clone (or the next commit) holds."""
+    out = sh("git", "ls-files", "-co", "--exclude-standard", cwd=REPO).stdout
+    return [f for f in out.splitlines() if (REPO / f).is_file() and not f.startswith("data")]
+
+
+def copy_project(dest: Path) -> Path:
+    for rel in project_files():
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, dest / rel)
+    return dest
+
+
+def make_tiny_repo(dest: Path, data_root: Path) -> Path:
+    """Project copy with tiny params on `data_root`, committed, fully reproduced, committed again."""
+    copy_project(dest)
+    params_path = dest / "params.yaml"
+    params = deep_update(yaml.safe_load(params_path.read_text()), TINY_OVERRIDES)
+    params["data"]["root"] = str(data_root)
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    sh("git", "init", "-q", cwd=dest)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A", cwd=dest)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny project", cwd=dest)
+    sh("dvc", "repro", cwd=dest)
+    commit_all(dest, "tiny run")
+    return dest
+
+
+def commit_all(repo: Path, message: str) -> None:
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message, cwd=repo)
+
+
+def clone_tiny_repo(template: Path, dest: Path) -> Path:
+    shutil.copytree(template, dest, symlinks=True)
+    return dest
