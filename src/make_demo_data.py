@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from src.edgekd.demo_data import generate
+from src.edgekd.demo_data import DEFAULT_PER_CLASS, DEFAULT_SEED, generate
 from src.edgekd.runtime import run_stage
 
 log = logging.getLogger("edgekd")
@@ -17,8 +17,8 @@ log = logging.getLogger("edgekd")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", required=True, help="folder to create, e.g. data/rice-demo")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--per-class", type=int, default=150)
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    parser.add_argument("--per-class", type=int, default=DEFAULT_PER_CLASS)
     args = parser.parse_args()
     files = generate(args.out, seed=args.seed, per_class=args.per_class)
     log.info("demo data: wrote %d synthetic images to %s", len(files), args.out)

@@ -57,19 +57,19 @@ def write_report(repo: Path, base: str, out: Path, plots_url: str | None = None)
     metrics_md = _dvc(["metrics", "diff", base, "--md"], repo)
     metrics_diff = json.loads(_dvc(["metrics", "diff", base, "--json"], repo) or "{}")
     headline = headline_table(headline_changes(metrics_diff), base)
-    changed, unchanged = split_plots(json.loads(_dvc(["plots", "diff", base, "--json"], repo) or "{}"))
+    plots = split_plots(json.loads(_dvc(["plots", "diff", base, "--json"], repo) or "{}"))
 
     (out / "plots").mkdir(parents=True, exist_ok=True)
     for stale in (out / "plots").glob("*.png"):  # a plot unchanged now must not linger from last run
         stale.unlink()
     images = {}
-    for plot_id, spec in changed.items():
+    for plot_id, spec in {**plots.changed, **plots.only_workspace}.items():
         image = Path("plots") / plot_filename(plot_id)
         (out / image).write_bytes(vl_convert.vegalite_to_png(spec, scale=1))
         images[plot_id] = image.as_posix()
     report = out / "report.md"
-    report.write_text(render_report(label, params_md, metrics_md, headline, images, unchanged, plots_url))
-    log.info("report: %s (%d changed plots rendered)", report, len(images))
+    report.write_text(render_report(label, params_md, metrics_md, headline, plots, images, plots_url))
+    log.info("report: %s (%d plots rendered)", report, len(images))
     return report
 
 

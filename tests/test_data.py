@@ -323,6 +323,7 @@ def test_report_counts_sizes_and_outliers(small_rice_tree, tmp_path):
     flagged = {(o["path"], o["feature"]) for o in m["outliers"]["files"]}
     assert ("Arborio/odd.png", "foreground_area") in flagged
     assert ("Arborio/odd.png", "brightness") in flagged
+    assert m["outliers"]["by_class"]["Arborio"] == {"foreground_area": 1, "brightness": 1}
     assert result.class_counts.columns.tolist() == ["class", "images", "train", "val", "test"]
     assert result.class_counts["images"].tolist() == [21, 20, 20, 20, 20]
     assert result.image_sizes.to_dict("records") == [{"size": "250x250", "images": 100},

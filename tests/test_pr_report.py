@@ -16,6 +16,7 @@ import yaml
 from src.edgekd.errors import UserError
 from src.edgekd.report_diff import (
     MetricChange,
+    PlotDiff,
     format_change,
     headline_changes,
     headline_table,
@@ -99,17 +100,18 @@ def _vega(rows_by_rev: dict[str, list[dict]]) -> dict:
     return {"type": "vega", "revisions": list(rows_by_rev), "content": {"data": {"values": values}}}
 
 
-def test_split_plots_detects_changed_new_and_unchanged():
+def test_split_plots_separates_changed_workspace_only_and_unchanged():
     same = [{"actual": "a", "predicted": "a"}]
     plots = {"data": {
         "plots/confusion_int8.csv": [_vega({"workspace": [{"actual": "a", "predicted": "b"}], "main": same})],
         "plots/tradeoff.csv": [_vega({"workspace": same, "main": same})],
-        "plots/new.csv": [_vega({"workspace": same})],
+        "dvclive/distill/plots/metrics/loss.tsv": [_vega({"workspace": same})],
     }}
-    changed, unchanged = split_plots(plots)
-    assert sorted(changed) == ["plots/confusion_int8.csv", "plots/new.csv"]
-    assert unchanged == ["plots/tradeoff.csv"]
-    assert changed["plots/new.csv"]["data"]["values"][0]["rev"] == "workspace"
+    diff = split_plots(plots)
+    assert list(diff.changed) == ["plots/confusion_int8.csv"]
+    assert list(diff.only_workspace) == ["dvclive/distill/plots/metrics/loss.tsv"]
+    assert diff.unchanged == ["plots/tradeoff.csv"]
+    assert diff.changed["plots/confusion_int8.csv"] is plots["data"]["plots/confusion_int8.csv"][0]["content"]
 
 
 def test_plot_filename_is_flat_and_safe():
@@ -118,13 +120,18 @@ def test_plot_filename_is_flat_and_safe():
 
 
 def test_render_report_inline_images_or_links():
-    images = {"plots/tradeoff.csv": "plots/plots_tradeoff.csv.png"}
-    local = render_report("main (abc)", "", "", "h\n", images, ["plots/data/x.csv"])
+    plots = PlotDiff(changed={"plots/tradeoff.csv": {}}, only_workspace={"dvclive/a.tsv": {}},
+                     unchanged=["plots/data/x.csv"])
+    images = {"plots/tradeoff.csv": "plots/plots_tradeoff.csv.png", "dvclive/a.tsv": "plots/dvclive_a.tsv.png"}
+    local = render_report("main (abc)", "", "", "h\n", plots, images)
     assert "No params changed." in local and "No metrics changed." in local
     assert "![plots/tradeoff.csv](plots/plots_tradeoff.csv.png)" in local
-    assert "Unchanged: `plots/data/x.csv`" in local
-    ci = render_report("main (abc)", "", "", "h\n", images, [], plots_url="https://ci/run/1")
+    assert local.index("## Plots with no data at the base revision") < local.index("![dvclive/a.tsv]")
+    assert "Unchanged plots: `plots/data/x.csv`" in local
+    ci = render_report("main (abc)", "", "", "h\n", plots, images, plots_url="https://ci/run/1")
     assert "![" not in ci and "[this run](https://ci/run/1)" in ci
+    assert "- `plots/tradeoff.csv`: `plots/plots_tradeoff.csv.png`" in ci
+    assert "No plot changed." in render_report("main", "", "", "h\n", PlotDiff(), {})
 
 
 # ---------------------------------------------------------------- synthetic DVC repo
@@ -184,7 +191,7 @@ def test_write_report_on_synthetic_repo(synthetic_repo: Path):
     assert "| metrics/evaluate.json | int8.accuracy | 0.8800 | 0.9100 | +0.0300 (+3.4%) | better |" in report
     assert "fp32.accuracy" not in report  # unchanged metrics stay out
     assert "![plots/confusion_int8.csv](plots/plots_confusion_int8.csv.png)" in report
-    assert "Unchanged: `plots/tradeoff.csv`" in report
+    assert "Unchanged plots: `plots/tradeoff.csv`" in report
     assert sorted(p.name for p in (out / "plots").iterdir()) == ["plots_confusion_int8.csv.png"]
     assert (out / "plots/plots_confusion_int8.csv.png").read_bytes().startswith(PNG_MAGIC)
 
@@ -246,4 +253,7 @@ def test_make_report_lists_width_change_and_student_deltas(small_rice_tree: Path
     for stage in ("baseline", "distill"):
         assert re.search(rf"\| metrics/{stage}\.json \| params \| [\d,]+ \| [\d,]+ \| \+[\d,]+ \(\+[\d.]+%\) \| worse \|",
                          report), stage
-    assert "teacher_mobilenet_v2" not in report  # teachers were not retrained, so nothing changed
+    for model in ("fp32", "int8"):  # the exported ONNX files grow too
+        assert re.search(rf"\| metrics/evaluate\.json \| {model}\.size_bytes \| .* KiB \| .* KiB \| \+.* \| worse \|",
+                         report), model
+    assert "metrics/teacher_mobilenet_v2.json" not in report  # teachers were not retrained

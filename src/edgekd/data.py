@@ -454,9 +454,19 @@ def _report(scan: Scan, dec: Decoded, rel: list[str], labels: np.ndarray, split:
         "ignored_files": scan.ignored,
         "image_size": {"width": _summary(w), "height": _summary(h)},
         "pixels": {"mean": dict(zip("rgb", info.mean)), "std": dict(zip("rgb", info.std))},
-        "outliers": {"count": len(outliers), "files": outliers[:MAX_LISTED]},
+        "outliers": {"count": len(outliers), "by_class": _count_by_class(outliers),
+                     "files": outliers[:MAX_LISTED]},
     }
     return Prepared(metrics, counts, sizes)
+
+
+def _count_by_class(outliers: list[dict]) -> dict:
+    """{class: {feature: n}}: the file list is capped, these counts are not."""
+    counts: dict = {}
+    for o in outliers:
+        per_class = counts.setdefault(o["class"], {})
+        per_class[o["feature"]] = per_class.get(o["feature"], 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def _summary(values: np.ndarray) -> dict:

@@ -28,11 +28,6 @@ from .ckpt import load_checkpoint
 from .errors import UserError
 from .models import build_model
 
-# torch.ao.quantization warns that it is deprecated in favour of torchao's pt2e; pt2e's ONNX graphs
-# leave convs in float here (quantization notes), so FX stays the path until that changes.
-warnings.filterwarnings("ignore", module=r"torch\.ao\.quantization.*")
-warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization.*")
-
 BACKEND = "x86"  # fbgemm-based kernels for the converted torch model
 
 ACTIVATION_FQ = FakeQuantize.with_args(
@@ -53,7 +48,11 @@ def prepare_qat(model: nn.Module, image_size: int) -> torch.fx.GraphModule:
     torch.backends.quantized.engine = BACKEND
     model = copy.deepcopy(model).cpu().train()
     example = torch.zeros(2, 3, image_size, image_size)  # (B, 3, H, W)
-    return prepare_qat_fx(model, qconfig_mapping(), (example,))
+    # torch.ao.quantization warns that it is deprecated in favour of torchao's pt2e; pt2e's ONNX
+    # graphs leave convs in float here (quantization notes), so FX stays the path for now.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return prepare_qat_fx(model, qconfig_mapping(), (example,))
 
 
 def set_qat_phase(model: nn.Module, epoch: int, freeze_bn_epoch: int, freeze_observer_epoch: int) -> None:

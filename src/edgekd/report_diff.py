@@ -9,14 +9,14 @@ unchanged so nothing is hidden.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 # Leaf metric names worth a headline row, by which way is better. Matched on the leaf so that
 # `int8.accuracy`, `val_acc`, `teacher_ensemble_val_acc` and `test.macro_f1` all qualify; timings of
 # the training run itself (`wall_s`, `train_images_per_s`) are machine noise and stay out.
 _HIGHER_IS_BETTER = re.compile(r"(acc|accuracy|f1|agreement|throughput_ips)$")
-_LOWER_IS_BETTER = re.compile(r"^(size_bytes|params|latency_\w+_ms)$")
+_LOWER_IS_BETTER = re.compile(r"^(size_bytes|params)$|latency_\w+_ms$")
 
 
 def higher_is_better(leaf: str) -> bool | None:
@@ -104,35 +104,41 @@ def headline_table(changes: list[MetricChange], base_label: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def split_plots(plots_json: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """Split `dvc plots diff --json` into (changed plot id -> Vega-Lite spec, unchanged ids).
+@dataclass
+class PlotDiff:
+    changed: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> Vega-Lite spec
+    only_workspace: dict[str, dict[str, Any]] = field(default_factory=dict)  # no data at the base
+    unchanged: list[str] = field(default_factory=list)
 
-    A plot counts as changed when any revision's rows differ from another's, or when it exists in
-    only one revision (a new or deleted plot). DVC tags each data row with its `rev`.
+
+def split_plots(plots_json: dict[str, Any]) -> PlotDiff:
+    """Sort the plots of `dvc plots diff --json` by whether their data differs between revisions.
+
+    DVC tags each data row with its `rev`. A plot with data in one revision only is a new plot, or
+    one whose data is not in git at the base (e.g. an ignored dvclive folder): shown apart.
     """
-    changed: dict[str, dict[str, Any]] = {}
-    unchanged: list[str] = []
+    diff = PlotDiff()
     for plot_id, renders in sorted(plots_json.get("data", {}).items()):
         for render in renders:
             if render.get("type") != "vega":
                 continue
             spec = render["content"]
-            if _rows_differ(spec, render.get("revisions", [])):
-                changed[plot_id] = spec
+            rows = _rows_by_rev(spec)
+            if len(rows) < 2:
+                diff.only_workspace[plot_id] = spec
+            elif any(r != next(iter(rows.values())) for r in rows.values()):
+                diff.changed[plot_id] = spec
             else:
-                unchanged.append(plot_id)
-    return changed, unchanged
+                diff.unchanged.append(plot_id)
+    return diff
 
 
-def _rows_differ(spec: dict[str, Any], revisions: list[str]) -> bool:
-    if len(revisions) < 2:
-        return True
-    rows_by_rev: dict[str, list[dict[str, Any]]] = {rev: [] for rev in revisions}
+def _rows_by_rev(spec: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The spec's inline data rows grouped by revision, without the `rev` tag itself."""
+    rows: dict[str, list[dict[str, Any]]] = {}
     for row in spec.get("data", {}).get("values", []):
-        rest = {k: v for k, v in row.items() if k != "rev"}
-        rows_by_rev.setdefault(row.get("rev"), []).append(rest)
-    first, *others = rows_by_rev.values()
-    return any(rows != first for rows in others)
+        rows.setdefault(row.get("rev"), []).append({k: v for k, v in row.items() if k != "rev"})
+    return rows
 
 
 def plot_filename(plot_id: str) -> str:
@@ -146,15 +152,15 @@ def render_report(
     params_md: str,
     metrics_md: str,
     headline: str,
-    plot_images: dict[str, str],
-    unchanged_plots: list[str],
+    plots: PlotDiff,
+    images: dict[str, str],
     plots_url: str | None = None,
 ) -> str:
     """Assemble the Markdown report.
 
-    `plot_images` maps changed plot ids to image paths relative to the report. With `plots_url`
-    (CI: the run page holding the images as an artifact) the plots become links instead of inline
-    images, because a PR comment cannot show files that live only on the runner.
+    `images` maps plot ids to image paths relative to the report. With `plots_url` (CI: the run
+    page holding the images as an artifact) the plots become a list instead of inline images,
+    because a PR comment cannot show files that live only on the runner.
     """
     parts = [
         f"# Experiment report: workspace vs `{base_label}`\n",
@@ -165,17 +171,20 @@ def render_report(
         "## Metrics changed (`dvc metrics diff --md`)\n",
         metrics_md.strip() + "\n" if metrics_md.strip() else "No metrics changed.\n",
         "## Plots changed (`dvc plots diff`)\n",
-        _plots_section(plot_images, plots_url),
+        _plots_section(list(plots.changed), images, plots_url) or "No plot changed.\n",
     ]
-    if unchanged_plots:
-        parts.append("Unchanged: " + ", ".join(f"`{p}`" for p in unchanged_plots) + "\n")
+    if plots.only_workspace:
+        parts += ["## Plots with no data at the base revision\n",
+                  _plots_section(list(plots.only_workspace), images, plots_url)]
+    if plots.unchanged:
+        parts.append("Unchanged plots: " + ", ".join(f"`{p}`" for p in plots.unchanged) + "\n")
     return "\n".join(parts)
 
 
-def _plots_section(plot_images: dict[str, str], plots_url: str | None) -> str:
-    if not plot_images:
-        return "No plot changed.\n"
+def _plots_section(plot_ids: list[str], images: dict[str, str], plots_url: str | None) -> str:
+    if not plot_ids:
+        return ""
     if plots_url:
-        names = "\n".join(f"- `{plot_id}`: `{image}`" for plot_id, image in plot_images.items())
+        names = "\n".join(f"- `{plot_id}`: `{images[plot_id]}`" for plot_id in plot_ids)
         return f"Rendered images are in the `pr-report` artifact of [this run]({plots_url}):\n\n{names}\n"
-    return "\n".join(f"### `{plot_id}`\n\n![{plot_id}]({image})\n" for plot_id, image in plot_images.items())
+    return "\n".join(f"### `{plot_id}`\n\n![{plot_id}]({images[plot_id]})\n" for plot_id in plot_ids)
