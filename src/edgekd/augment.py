@@ -19,11 +19,11 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 CROP_SCALE = (0.8, 1.0)  # area fraction kept by the random resized crop
-CROP_RATIO = (3 / 4, 4 / 3)  # aspect ratio range of the crop
+CROP_RATIO = (1.0, 1.0)  # square crops: a grain's length/width ratio is what tells varieties apart
 MAX_ROTATE_DEG = 15.0  # small free rotation on top of the 90-degree ones
 MAX_TRANSLATE = 0.06  # fraction of the side
 SCALE_RANGE = (0.9, 1.1)
-JITTER = 0.2  # brightness, contrast and saturation factors in [1 - JITTER, 1 + JITTER]
+JITTER = 0.1  # brightness, contrast and saturation factors in [1 - JITTER, 1 + JITTER]
 
 
 def augment_batch(images: Tensor, generator: torch.Generator) -> Tensor:

@@ -45,6 +45,7 @@ class FitSetup:
     live_dir: str | Path | None = None  # dvclive folder for per-epoch curves
     resume_path: str | Path | None = None  # epoch checkpoint; None = no resume
     fingerprint: str = ""  # identity of params + data; a resume file with another one is stale
+    bn_recalibration: bool = True  # re-estimate BN statistics before each validation (see below)
 
 
 @dataclass
@@ -144,6 +145,36 @@ def evaluate(model: Callable[[Tensor], Tensor], images: Tensor, labels: Tensor, 
     }
 
 
+def recalibrate_bn(model: nn.Module, images: Tensor, setup: FitSetup, max_images: int = 512) -> None:
+    """Recompute BN running statistics as a plain average over un-augmented training images.
+
+    Short from-scratch runs take only tens of optimizer steps; the running averages (momentum
+    0.01 in torchvision's MobileNetV3) then lag far behind the weights and an eval-mode model
+    predicts one class for everything although train accuracy rises ("precise BN", Wu & Johnson
+    2021, arXiv:2105.07576). Costs one forward pass over `max_images` images. Not for QAT models
+    whose BN statistics are deliberately frozen.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    model.train()
+    # A seeded random subset in random order: the prepared splits are sorted by class, and
+    # single-class batches would miss the between-class part of the variance.
+    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(setup.seed))[:max_images]
+    with torch.no_grad():
+        n = len(pick)
+        batch = min(setup.batch_size, n)
+        for step in range(steps_per_epoch(n, setup.batch_size)):  # full batches: BN needs > 1 value
+            x = images[pick[step * batch:(step + 1) * batch]]  # (B, 3, H, W) uint8
+            model(normalize(x.to(setup.device), setup.mean, setup.std))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+
+
 def fingerprint(*parts: Any) -> str:
     """Hash of tensors, dicts/lists of them and JSON-able values: identifies the params + data
     (+ teacher weights) that a resume file belongs to."""
@@ -199,6 +230,8 @@ def fit(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, sch
         generator = torch.Generator().manual_seed(setup.seed * 10_007 + epoch)  # shuffle + augment
         batches = iterate_batches(*train, setup, generator)
         stats = train_one_epoch(model, loss_fn, optimizer, scheduler, batches, setup.device, total=steps)
+        if setup.bn_recalibration:
+            recalibrate_bn(model, train[0], setup)
         val_stats = evaluate(model, *val, setup.mean, setup.std, setup.eval_batch_size, setup.device)
         row = {"epoch": epoch, **stats, "val_acc": val_stats["acc"], "val_loss": val_stats["loss"], "lr": lr}
         progress.history.append(row)
@@ -286,14 +319,14 @@ def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
 
 
 def setup_from_params(params: Any, info: Any, device: torch.device, epochs: int,
-                      live_dir: str | Path | None, fingerprint_: str) -> FitSetup:
+                      live_dir: str | Path | None, fingerprint_: str, bn_recalibration: bool = True) -> FitSetup:
     """FitSetup from params.yaml's `train` section; the resume file lives in the dvclive folder,
     which DVC keeps between runs (`persist: true`) and which holds no other model file."""
     return FitSetup(
         epochs=epochs, batch_size=params.train.batch_size, eval_batch_size=params.train.eval_batch_size,
         seed=params.seed, mean=info.mean, std=info.std, device=device, patience=params.train.patience,
         live_dir=live_dir, resume_path=None if live_dir is None else Path(live_dir) / "resume.pt",
-        fingerprint=fingerprint_,
+        fingerprint=fingerprint_, bn_recalibration=bn_recalibration,
     )
 
 

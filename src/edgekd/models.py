@@ -72,6 +72,10 @@ def _hardswish_to_relu(model: nn.Module) -> nn.Module:
     for name, child in model.named_children():
         if isinstance(child, nn.Hardswish):
             setattr(model, name, nn.ReLU(inplace=True))
+        elif isinstance(child, nn.Dropout):
+            # ReLU's backward reads its output, which an in-place dropout right after it would
+            # overwrite (harmless after Hardswish, whose backward reads its input).
+            child.inplace = False
         else:
             _hardswish_to_relu(child)
     return model

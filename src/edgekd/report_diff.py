@@ -70,7 +70,7 @@ def format_value(leaf: str, value: float | None) -> str:
         return f"{value / 1024:,.1f} KiB"
     if leaf == "params":
         return f"{value:,.0f}"
-    if leaf.startswith("latency"):
+    if leaf.endswith("_ms"):
         return f"{value:.3f} ms"
     if leaf == "throughput_ips":
         return f"{value:,.0f} img/s"

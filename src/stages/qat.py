@@ -11,7 +11,7 @@ from src.edgekd import engine
 from src.edgekd.ckpt import load_model, model_payload, save_checkpoint
 from src.edgekd.config import as_dict, load_params
 from src.edgekd.data import load_info, load_split
-from src.edgekd.losses import ensemble_logits, kd_loss, prepare_teachers
+from src.edgekd.losses import kd_loss_fn, prepare_teachers
 from src.edgekd.quant import convert, prepare_qat, set_qat_phase
 from src.edgekd.runtime import run_stage, seed_everything, select_device
 
@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     p = load_params(args.params)
     seed_everything(p.seed)
-    select_device("cpu", p.train.threads)  # quantized FX modules run on CPU only
+    device = select_device("cpu", p.train.threads)  # quantized FX modules run on CPU only
 
     info = load_info(args.data)
     train, val = load_split(args.data, "train"), load_split(args.data, "val")
@@ -38,22 +38,17 @@ def main() -> None:
     teachers = prepare_teachers([load_model(Path(args.teachers) / f"{a}.pt")[0] for a in p.teachers.archs])
     model = prepare_qat(student, info.image_size)  # fake-quant; QAT always runs on CPU (FX kernels)
 
-    def loss_fn(m, x, y):  # CE + KD against the same ensemble as distillation
-        logits = m(x)
-        return {**kd_loss(logits, ensemble_logits(teachers, x), y, p.kd.temperature, p.kd.alpha,
-                          p.train.label_smoothing), "logits": logits}
+    loss_fn = kd_loss_fn(teachers, p.kd.temperature, p.kd.alpha, p.train.label_smoothing)
 
     def on_epoch_start(epoch: int) -> None:
         set_qat_phase(model, epoch, p.qat.freeze_bn_epoch, p.qat.freeze_observer_epoch)
 
     optimizer, scheduler = engine.make_optimizer(model, p.qat.lr, p.train.weight_decay, p.qat.epochs,
                                                  engine.steps_per_epoch(len(train[0]), p.train.batch_size))
-    setup = engine.FitSetup(
-        epochs=p.qat.epochs, batch_size=p.train.batch_size, eval_batch_size=p.train.eval_batch_size,
-        seed=p.seed, mean=info.mean, std=info.std, patience=0, live_dir=args.live,
-        resume_path=f"{args.out}.resume",
-        fingerprint=engine.fingerprint(as_dict(p.qat), as_dict(p.kd), as_dict(p.train), p.seed,
-                                       *payload["state_dict"].values(), train[1], val[1]))
+    run_id = engine.fingerprint(as_dict(p.qat), as_dict(p.kd), as_dict(p.train), p.seed,
+                                *payload["state_dict"].values(), train[1], val[1])
+    # BN statistics are frozen on schedule in QAT: no re-estimation before validation.
+    setup = engine.setup_from_params(p, info, device, p.qat.epochs, args.live, run_id, bn_recalibration=False)
     result = engine.fit(model, loss_fn, optimizer, scheduler, train, val, setup, on_epoch_start)
     int8_acc = engine.evaluate(convert(model), *val, info.mean, info.std, p.train.eval_batch_size)["acc"]
 
