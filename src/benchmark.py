@@ -57,10 +57,12 @@ def main() -> None:
     full = run_experiment(["-f", *base], repo, log_path=None)
     main_eval = read_json(repo / "metrics" / "evaluate.json")
     params = load_params()
+    main_params_text = (repo / "params.yaml").read_text()
     variants = [comparison.variant_row(params.student, params.data.image_size, main_eval)]
     incremental = []
     for variant in cfg.get("variants", []):
-        run = run_experiment([*base, *overrides_to_args(variant)], repo)
+        (repo / "params.yaml").write_text(main_params_text)  # each variant departs from the main run
+        run = run_experiment(overrides_to_args(variant), repo)
         v_params = load_params()
         variants.append(comparison.variant_row(v_params.student, v_params.data.image_size,
                                                  read_json(repo / "metrics" / "evaluate.json")))

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -25,7 +26,8 @@ from src.edgekd.config import DataConfig
 from src.edgekd.data import prepare_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-RICE_SAMPLE = REPO.parent / "shared/datasets/rice-image"
+# ../shared next to the checkout (developers, CI); RICE_SAMPLE_DIR elsewhere (e.g. a GitHub runner).
+RICE_SAMPLE = Path(os.environ.get("RICE_SAMPLE_DIR", REPO.parent / "shared/datasets/rice-image"))
 RICE_CLASSES = ("Arborio", "Basmati", "Ipsala", "Jasmine", "Karacadag")
 SMALL_PER_CLASS = 20
 SMALL_IMAGE_SIZE = 32

@@ -55,7 +55,7 @@ def table_after(markdown: str, heading: str) -> list[list[str]]:
 def test_benchmark_on_tiny_run_writes_report_and_restores_main_run(tiny_repo: Path):
     config = {
         "overrides": {"student": {"epochs": 1}},
-        "variants": [{"student.width": 0.5}],
+        "variants": [{"student.width": 0.5}, {"student.arch": "mobilenet_v3_small"}],
         "seed_models": {"fp32": str(SEED_MODELS / "student_fp32_qat.onnx"),
                         "int8": str(SEED_MODELS / "student_int8_static.onnx"),
                         "image_size": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
@@ -77,7 +77,9 @@ def test_benchmark_on_tiny_run_writes_report_and_restores_main_run(tiny_repo: Pa
         if "latency_p50_ms" in row:
             assert 0 < row["latency_p50_ms"] <= row["latency_p90_ms"]
 
-    assert [v["width"] for v in results["variants"]] == [0.25, 0.5]
+    # Each variant departs from the main run: the second one is back at width 0.25.
+    assert [(v["arch"], v["width"]) for v in results["variants"]] == [
+        ("mobilenet_v3_small_minimal", 0.25), ("mobilenet_v3_small_minimal", 0.5), ("mobilenet_v3_small", 0.25)]
     pipeline = results["pipeline"]
     assert {"prepare", "train_teacher@resnet18", "distill", "qat", "export", "evaluate"} <= set(pipeline["stages"])
     incremental = pipeline["incremental"]
@@ -92,7 +94,7 @@ def test_benchmark_on_tiny_run_writes_report_and_restores_main_run(tiny_repo: Pa
     main_table = table_after(markdown, "## Main table")
     assert len(main_table) == 9 and all(len(r) == len(MAIN_COLUMNS) for r in main_table)
     variant_table = table_after(markdown, "## Student variants")
-    assert len(variant_table) == 2 and all(len(r) == len(VARIANT_COLUMNS) for r in variant_table)
+    assert len(variant_table) == 3 and all(len(r) == len(VARIANT_COLUMNS) for r in variant_table)
     assert re.search(r"incremental `dvc exp run -S student.width=0.5`", markdown)
     assert (tiny_repo / "reports/benchmark_tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
