@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -58,10 +59,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        # torch's own text goes on to suggest weights_only=False: name only the offending global.
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        culprit = f" ({found.group(1)})" if found else ""
         raise UserError(
-            f"{path}: refused to load: it contains objects other than tensors and plain containers "
-            f"(weights_only=True); it may be malicious or from another tool ({first})"
+            f"{path}: refused to load: it contains objects other than tensors and plain containers"
+            f"{culprit}; it may be malicious or from another tool"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None

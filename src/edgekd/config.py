@@ -136,7 +136,7 @@ class QATConfig:
 class ExportConfig:
     opset: int = 17
     parity_atol: float = 1e-3  # max |logit| difference FP32 ONNX vs torch
-    min_int8_agreement: float = 0.99  # top-1 agreement INT8 ONNX vs torch QAT model
+    min_int8_agreement: float = 0.95  # top-1 agreement INT8 ONNX vs torch QAT model (a broken export is ~chance)
 
     def check(self) -> None:
         _require(13 <= self.opset <= 21, "export.opset", self.opset, "13..21")

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from .augment import augment_batch, normalize
 from .ckpt import load_checkpoint, save_checkpoint
+from .models import count_params
 
 log = logging.getLogger("edgekd")
 
@@ -337,3 +338,10 @@ def train_model(model: nn.Module, loss_fn: LossFn, lr: float, weight_decay: floa
     steps = steps_per_epoch(len(train[0]), setup.batch_size)
     optimizer, scheduler = make_optimizer(model, lr, weight_decay, setup.epochs, steps)
     return fit(model, loss_fn, optimizer, scheduler, train, val, setup, on_epoch_start)
+
+
+def training_summary(result: FitResult, model: nn.Module, wall_s: float) -> dict[str, float]:
+    """The metrics every training stage reports (val accuracy of the selected epoch, cost)."""
+    return {"val_acc": result.best_val_acc, "best_epoch": result.best_epoch + 1,
+            "epochs_run": result.epochs_run, "params": count_params(model),
+            "train_images_per_s": round(result.train_images_per_s, 1), "wall_s": round(wall_s, 1)}

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import sys
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -43,3 +45,10 @@ def run_stage(main: Callable[[], None]) -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def write_metrics(path: str | Path, metrics: dict) -> None:
+    """A small, diff-friendly JSON file (git-tracked DVC metrics)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from src.edgekd.config import load_params
 from src.edgekd.data import load_info, load_split
 from src.edgekd.errors import UserError
 from src.edgekd.export import read_metadata
-from src.edgekd.runtime import run_stage, seed_everything
+from src.edgekd.runtime import run_stage, seed_everything, write_metrics
 
 log = logging.getLogger("edgekd")
 
@@ -70,8 +69,7 @@ def main() -> None:
                   [(classes[a], classes[b]) for a, b in zip(labels, pred)])
     write_csv(plots / "tradeoff.csv", ["model", "accuracy", "latency_p50_ms", "size_bytes"],
               [(n, results[n]["accuracy"], results[n]["latency_p50_ms"], results[n]["size_bytes"]) for n in preds])
-    Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.metrics).write_text(json.dumps(results, indent=2) + "\n")
+    write_metrics(args.metrics, results)
 
 
 def write_csv(path: Path, header: list[str], rows) -> None:

@@ -15,7 +15,7 @@ from src.edgekd.data import load_split
 from src.edgekd.export import compare, conv_kernels, export_onnx, meta_from_checkpoint, require
 from src.edgekd.models import build_model, count_params
 from src.edgekd.quant import convert, load_qat_model
-from src.edgekd.runtime import run_stage, seed_everything, select_device
+from src.edgekd.runtime import run_stage, seed_everything, select_device, write_metrics
 
 log = logging.getLogger("edgekd")
 
@@ -58,8 +58,7 @@ def main() -> None:
     require(convs["float"] == 0, onnx_path, f"{convs['float']} Conv(s) still run in float in onnxruntime")
     metrics[Path(onnx_path).stem] = {"parity_fake_quant": vs_fq, "parity_int8_torch": vs_int8,
                                      "conv_kernels": convs, "size_bytes": Path(onnx_path).stat().st_size}
-    Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.metrics).write_text(json.dumps(metrics, indent=2) + "\n")
+    write_metrics(args.metrics, metrics)
     log.info("export: %s", json.dumps(metrics))
 
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
 from src.edgekd.config import load_params
 from src.edgekd.data import prepare_dataset
-from src.edgekd.runtime import run_stage, seed_everything
+from src.edgekd.runtime import run_stage, seed_everything, write_metrics
 
 log = logging.getLogger("edgekd")
 
@@ -27,9 +26,8 @@ def main() -> None:
 
     result = prepare_dataset(args.root, args.out, params.data, params.seed)
 
-    metrics_path, plots = Path(args.metrics), Path(args.plots)
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps(result.metrics, indent=2, ensure_ascii=False) + "\n")
+    write_metrics(args.metrics, result.metrics)
+    plots = Path(args.plots)
     plots.mkdir(parents=True, exist_ok=True)
     result.class_counts.to_csv(plots / "class_counts.csv", index=False)
     result.image_sizes.to_csv(plots / "image_sizes.csv", index=False)

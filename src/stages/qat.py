@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from src.edgekd.config import as_dict, load_params
 from src.edgekd.data import load_info, load_split
 from src.edgekd.losses import kd_loss_fn, prepare_teachers
 from src.edgekd.quant import convert, prepare_qat, set_qat_phase
-from src.edgekd.runtime import run_stage, seed_everything, select_device
+from src.edgekd.runtime import run_stage, seed_everything, select_device, write_metrics
 
 log = logging.getLogger("edgekd")
 
@@ -57,8 +56,7 @@ def main() -> None:
     metrics = {"val_acc_fake_quant": result.best_val_acc, "val_acc_int8_torch": int8_acc,
                "val_acc_fp32_start": engine.evaluate(student, *val, info.mean, info.std)["acc"],
                "best_epoch": result.best_epoch, "train_seconds": result.train_seconds}
-    Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.metrics).write_text(json.dumps(metrics, indent=2) + "\n")
+    write_metrics(args.metrics, metrics)
     log.info("qat: val acc fp32 %.4f -> fake-quant %.4f, int8 torch %.4f", metrics["val_acc_fp32_start"],
              result.best_val_acc, int8_acc)
 

@@ -6,7 +6,6 @@ Both use the same schedule, augmentation and seed, so their difference is the di
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
@@ -14,11 +13,11 @@ from pathlib import Path
 from src.edgekd.ckpt import load_model, model_payload, save_checkpoint
 from src.edgekd.config import as_dict, load_params
 from src.edgekd.data import load_info, load_split
-from src.edgekd.engine import evaluate, fingerprint, setup_from_params, train_model
+from src.edgekd.engine import evaluate, fingerprint, setup_from_params, train_model, training_summary
 from src.edgekd.errors import UserError
 from src.edgekd.losses import ce_loss_fn, ensemble_logits, kd_loss_fn, prepare_teachers
-from src.edgekd.models import build_model, count_params
-from src.edgekd.runtime import run_stage, seed_everything, select_device
+from src.edgekd.models import build_model
+from src.edgekd.runtime import run_stage, seed_everything, select_device, write_metrics
 
 log = logging.getLogger("edgekd")
 
@@ -71,12 +70,7 @@ def main() -> None:
 
     save_checkpoint(args.out, model_payload(model, cfg.arch, cfg.width, info, val_acc=result.best_val_acc,
                                             mode=args.mode))
-    metrics = {"val_acc": result.best_val_acc, **metrics, "best_epoch": result.best_epoch + 1,
-               "epochs_run": result.epochs_run, "params": count_params(model),
-               "train_images_per_s": round(result.train_images_per_s, 1),
-               "wall_s": round(time.perf_counter() - start, 1)}
-    Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.metrics).write_text(json.dumps(metrics, indent=2) + "\n")
+    write_metrics(args.metrics, {**training_summary(result, model, time.perf_counter() - start), **metrics})
     log.info("%s: val_acc %.4f (epoch %d), %s", args.mode, result.best_val_acc, result.best_epoch + 1, args.out)
 
 

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
-from pathlib import Path
 
 from src.edgekd.ckpt import model_payload, save_checkpoint
 from src.edgekd.config import as_dict, load_params
 from src.edgekd.data import load_info, load_split
-from src.edgekd.engine import fingerprint, setup_from_params, train_model
+from src.edgekd.engine import fingerprint, setup_from_params, train_model, training_summary
 from src.edgekd.errors import UserError
 from src.edgekd.losses import ce_loss_fn
-from src.edgekd.models import build_model, count_params
-from src.edgekd.runtime import run_stage, seed_everything, select_device
+from src.edgekd.models import build_model
+from src.edgekd.runtime import run_stage, seed_everything, select_device, write_metrics
 
 log = logging.getLogger("edgekd")
 
@@ -45,12 +43,7 @@ def main() -> None:
                          params.train.weight_decay, train, val, setup)
 
     save_checkpoint(args.out, model_payload(model, args.arch, 1.0, info, val_acc=result.best_val_acc))
-    metrics = {"val_acc": result.best_val_acc, "best_epoch": result.best_epoch + 1,
-               "epochs_run": result.epochs_run, "params": count_params(model),
-               "train_images_per_s": round(result.train_images_per_s, 1),
-               "wall_s": round(time.perf_counter() - start, 1)}
-    Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.metrics).write_text(json.dumps(metrics, indent=2) + "\n")
+    write_metrics(args.metrics, training_summary(result, model, time.perf_counter() - start))
     log.info("teacher %s: val_acc %.4f (epoch %d), %s", args.arch, result.best_val_acc,
              result.best_epoch + 1, args.out)
 
