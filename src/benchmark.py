@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -29,14 +30,13 @@ from src.edgekd.runtime import run_stage
 
 
 def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in
+             (cpuinfo.read_text().splitlines() if cpuinfo.exists() else []) if line.startswith("model name")]
     packages = ["torch", "torchvision", "onnxruntime", "openvino", "onnx", "dvc"]
-    return {"cpu": cpu, "cores": len(__import__("os").sched_getaffinity(0)),
-            "python": platform.python_version(), "versions": {p: version(p) for p in packages}}
+    return {"cpu": names[0] if names else platform.processor() or platform.machine(),
+            "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+            "versions": {p: version(p) for p in packages}}
 
 
 def read_json(path: Path) -> dict:
@@ -60,7 +60,7 @@ def main() -> None:
 
     shutil.rmtree(repo / ".dvc" / "cache" / "runs", ignore_errors=True)
     base = overrides_to_args(cfg["overrides"])
-    full = run_experiment(["-f", *base], repo, log_path=None)
+    full = run_experiment(["-f", *base], repo)
     main_eval = read_json(repo / "metrics" / "evaluate.json")
     params = load_params()
     main_params_text = (repo / "params.yaml").read_text()

@@ -18,11 +18,12 @@ from typing import Iterator
 import numpy as np
 
 from src.edgekd.bench import make_runner
+from src.edgekd.config import DataConfig
 from src.edgekd.errors import UserError
 from src.edgekd.export import read_metadata
 from src.edgekd.images import IMAGE_EXTENSIONS, UnreadableImage, load_image
 
-MAX_PIXELS = 40_000_000  # same decompression-bomb guard as data.max_image_pixels
+MAX_PIXELS = DataConfig.max_image_pixels  # the same decompression-bomb guard as training data
 
 
 def expand(paths: list[str]) -> Iterator[Path]:

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from src.edgekd.errors import UserError
 from src.edgekd.report_diff import (
@@ -24,21 +21,9 @@ from src.edgekd.report_diff import (
     split_plots,
 )
 from src.pr_report import write_report
+from tiny_pipeline import set_params, sh
 
-REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
-
-
-def sh(cmd: list[str], cwd: Path, timeout: float = 120) -> str:
-    """Run a command; on failure show its output, which is what one needs to debug a pipeline."""
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **GIT_ENV})
-    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout
-
-
 # ---------------------------------------------------------------- pure functions
 
 METRICS_DIFF = {
@@ -171,12 +156,12 @@ def synthetic_repo(tmp_path: Path) -> Path:
     repo = tmp_path / "repo"
     (repo / "metrics").mkdir(parents=True)
     (repo / "plots").mkdir()
-    sh(["git", "init", "-q"], repo)
-    sh([sys.executable, "-m", "dvc", "init", "-q"], repo)
+    sh("git", "init", "-q", cwd=repo)
+    sh(sys.executable, "-m", "dvc", "init", "-q", cwd=repo)
     (repo / "dvc.yaml").write_text(DVC_YAML)
     _write_state(repo, 0.25, 0.88, "a,a\nb,a\n")
-    sh(["git", "add", "-A"], repo)
-    sh(["git", "commit", "-qm", "base"], repo)
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "commit", "-qm", "base", cwd=repo)
     _write_state(repo, 0.5, 0.91, "a,a\nb,b\n")
     return repo
 
@@ -203,21 +188,14 @@ def test_write_report_unknown_base_is_one_line_user_error(synthetic_repo: Path):
 
 # ---------------------------------------------------------------- the real pipeline, end to end
 
-def set_params(repo: Path, overrides: dict) -> None:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for section, values in overrides.items():
-        params[section].update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
 def test_make_report_lists_width_change_and_student_deltas(tiny_repo: Path):
     repo = tiny_repo  # the project, reproduced with tiny params and committed (conftest)
     set_params(repo, {"student": {"width": 0.5}})
-    rerun = sh([sys.executable, "-m", "dvc", "repro"], repo, timeout=600)
+    rerun = sh(sys.executable, "-m", "dvc", "repro", cwd=repo).stdout
     for arch in ("resnet18", "mobilenet_v2", "densenet121"):
         assert f"Stage 'train_teacher@{arch}' didn't change, skipping" in rerun
     (repo / ".deps-installed").touch()  # requirements are installed already: no pip run
-    sh(["make", "report", "BASE=HEAD"], repo)
+    sh("make", "report", "BASE=HEAD", cwd=repo)
     report = (repo / "reports/pr/report.md").read_text()
 
     assert re.search(r"\| params\.yaml \| student\.width \| 0\.25 +\| 0\.5 +\|", report)

@@ -7,6 +7,7 @@ fail or check out without touching the others or this checkout.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -26,9 +27,14 @@ TINY_OVERRIDES = {
 }
 
 
+# Commits made by the tests (and by `dvc exp run`) need an identity, whatever the machine's git config.
+GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+
+
 def sh(*cmd: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     """Run a command, capturing text output; a failure shows its output in the assertion."""
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, **GIT_ENV})
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -41,6 +47,12 @@ def deep_update(base: dict, overrides: dict) -> dict:
         else:
             base[key] = value
     return base
+
+
+def set_params(repo: Path, overrides: dict) -> None:
+    """Merge nested `overrides` into the repo's params.yaml."""
+    path = repo / "params.yaml"
+    path.write_text(yaml.safe_dump(deep_update(yaml.safe_load(path.read_text()), overrides), sort_keys=False))
 
 
 def project_files() -> list[str]:
@@ -59,13 +71,9 @@ def copy_project(dest: Path) -> Path:
 def make_tiny_repo(dest: Path, data_root: Path) -> Path:
     """Project copy with tiny params on `data_root`, committed, fully reproduced, committed again."""
     copy_project(dest)
-    params_path = dest / "params.yaml"
-    params = deep_update(yaml.safe_load(params_path.read_text()), TINY_OVERRIDES)
-    params["data"]["root"] = str(data_root)
-    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    set_params(dest, deep_update({"data": {"root": str(data_root)}}, TINY_OVERRIDES))
     sh("git", "init", "-q", cwd=dest)
-    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A", cwd=dest)
-    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny project", cwd=dest)
+    commit_all(dest, "tiny project")
     sh("dvc", "repro", cwd=dest)
     commit_all(dest, "tiny run")
     return dest
@@ -73,7 +81,7 @@ def make_tiny_repo(dest: Path, data_root: Path) -> Path:
 
 def commit_all(repo: Path, message: str) -> None:
     sh("git", "add", "-A", cwd=repo)
-    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message, cwd=repo)
+    sh("git", "commit", "-qm", message, cwd=repo)
 
 
 def clone_tiny_repo(template: Path, dest: Path) -> Path:

@@ -14,7 +14,7 @@ import pickle
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -83,6 +83,21 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     except (KeyError, TypeError, RuntimeError) as err:
         raise UserError(f"{path}: not a model checkpoint of this project ({type(err).__name__}: {err})") from None
     return model, payload
+
+
+def load_teachers(folder: str | Path, archs: Sequence[str], info: Any) -> tuple[list[nn.Module], list[dict]]:
+    """Teachers `<folder>/<arch>.pt` and their checkpoints, checked against the prepared data
+    (`info`: classes, image_size) they will be fed."""
+    models, payloads = [], []
+    for arch in archs:
+        path = Path(folder) / f"{arch}.pt"
+        model, payload = load_model(path)
+        if payload["classes"] != list(info.classes) or payload["image_size"] != info.image_size:
+            raise UserError(f"{path}: trained on other classes or image size than the prepared data; "
+                            f"rerun train_teacher@{arch}")
+        models.append(model)
+        payloads.append(payload)
+    return models, payloads
 
 
 def model_payload(model: nn.Module, arch: str, width: float, info: Any, **extra: Any) -> dict[str, Any]:

@@ -16,8 +16,8 @@ import pandas as pd
 import torch
 
 from .augment import normalize
-from .bench import classification_metrics, make_runner, measure_latency, measure_throughput, predict_all
-from .ckpt import load_model
+from .bench import classification_metrics, make_runner, measure_speed, predict_all
+from .ckpt import load_teachers
 from .config import Params, StudentConfig
 from .data import load_info, load_split
 from .engine import evaluate, predict_logits
@@ -50,10 +50,9 @@ def teacher_rows(params: Params, prepared: Path, teachers_dir: Path) -> list[dic
     info = load_info(prepared)
     images, labels = load_split(prepared, "test")
     cpu = torch.device("cpu")
-    models, rows = [], []
-    for arch in params.teachers.archs:
-        model, _ = load_model(teachers_dir / f"{arch}.pt")
-        models.append(model)
+    models, _ = load_teachers(teachers_dir, params.teachers.archs, info)
+    rows = []
+    for arch, model in zip(params.teachers.archs, models):
         acc = evaluate(model, images, labels, info.mean, info.std, params.train.eval_batch_size, cpu)["acc"]
         rows.append({"model": f"teacher {arch}", "accuracy": acc, "params": count_params(model)})
     teachers = prepare_teachers(models)
@@ -69,19 +68,6 @@ def onnx_float_params(path: Path) -> int:
     """Weights of an FP32 ONNX graph (its float initializers)."""
     graph = onnx.load(str(path)).graph
     return int(sum(np.prod(t.dims) for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT))
-
-
-def timing(path: Path, x: np.ndarray, params: Params) -> dict[str, float]:
-    """Batch-1 p50/p90 (onnxruntime), batch throughput, and OpenVINO p50 for one ONNX file."""
-    bench = params.bench
-    run = make_runner(path, "onnxruntime", bench.threads)
-    lat = measure_latency(run, x[:1], bench.warmup, bench.runs)
-    batch = np.resize(x, (bench.batch, *x.shape[1:]))  # (B, 3, H, W) real images, repeated
-    ov = measure_latency(make_runner(path, "openvino", bench.threads), x[:1], bench.warmup, bench.runs)
-    return {"latency_p50_ms": lat.p50_ms, "latency_p90_ms": lat.p90_ms,
-            "throughput_ips": measure_throughput(run, batch, max(1, bench.warmup // 10),
-                                                 max(10, bench.runs // 10)),
-            "openvino_p50_ms": ov.p50_ms}
 
 
 def seed_inputs(prepared: Path, root: Path, seed_cfg: dict, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -107,7 +93,7 @@ def main_rows(params: Params, repo: Path, main_eval: dict, seed_cfg: dict) -> tu
         m = main_eval[key]
         rows.append({"model": name, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
                      "size_bytes": m["size_bytes"], "params": m["params"],
-                     **timing(models / file, ours_x, params)})
+                     **measure_speed(models / file, ours_x, params.bench)})
     seed_x, seed_labels = seed_inputs(prepared, repo / params.data.root, seed_cfg,
                                       params.data.max_image_pixels)
     seed_params = onnx_float_params(repo / seed_cfg["fp32"])
@@ -117,7 +103,7 @@ def main_rows(params: Params, repo: Path, main_eval: dict, seed_cfg: dict) -> tu
         m = classification_metrics(seed_labels, preds, info.classes)
         rows.append({"model": f"seed {precision.upper()} ({path.name}, 224 px)", "accuracy": m["accuracy"],
                      "macro_f1": m["macro_f1"], "size_bytes": path.stat().st_size, "params": seed_params,
-                     **timing(path, seed_x, params)})
+                     **measure_speed(path, seed_x, params.bench)})
     seed_int8_p50 = rows[-1]["latency_p50_ms"]
     for row in rows:
         if "latency_p50_ms" in row:
@@ -144,8 +130,8 @@ def goals(results: dict, width: float) -> list[dict]:
     pick = lambda prefix: next(r for name, r in rows.items() if name.startswith(prefix))  # noqa: E731
     fp32, int8, base = pick("student distilled, FP32"), pick("student distilled + QAT"), pick("student baseline")
     seed_int8 = pick("seed INT8")
-    int8_best = min(int8["latency_p50_ms"], int8["openvino_p50_ms"])
-    fp32_best = min(fp32["latency_p50_ms"], fp32["openvino_p50_ms"])
+    int8_best = min(int8["latency_p50_ms"], int8["openvino_latency_p50_ms"])
+    fp32_best = min(fp32["latency_p50_ms"], fp32["openvino_latency_p50_ms"])
     pct = lambda v: f"{100 * v:.2f} %"  # noqa: E731
     out = [
         ("distilled FP32 student >= 99.8 % test accuracy", pct(fp32["accuracy"]), fp32["accuracy"] >= 0.998),

@@ -67,7 +67,7 @@ def parse_stage_log(lines: Iterable[tuple[float, str]], end_time: float) -> Expe
     return run
 
 
-def run_experiment(args: list[str], cwd: Path, log_path: Path | None = None) -> ExperimentRun:
+def run_experiment(args: list[str], cwd: Path) -> ExperimentRun:
     """`dvc exp run ARGS`, echoing its output, timing each stage; fails loudly on a failed run."""
     cmd = ["dvc", "exp", "run", *args]
     print(f"$ {' '.join(cmd)}", flush=True)
@@ -81,8 +81,6 @@ def run_experiment(args: list[str], cwd: Path, log_path: Path | None = None) -> 
             sys.stdout.write(line)
             sys.stdout.flush()
     end = time.monotonic()
-    if log_path is not None:
-        log_path.write_text("\n".join(f"{t - start:9.2f} {s}" for t, s in lines))
     if proc.returncode != 0:
         raise UserError(f"`{' '.join(cmd)}` failed with exit code {proc.returncode}; see its output above")
     return parse_stage_log(lines, end)

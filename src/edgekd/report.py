@@ -18,7 +18,7 @@ MAIN_COLUMNS = [
     ("latency_p90_ms", "p90 ms"),
     ("throughput_ips", "img/s @32"),
     ("p50_vs_seed_int8", "p50 / seed INT8"),
-    ("openvino_p50_ms", "OpenVINO p50 ms"),
+    ("openvino_latency_p50_ms", "OpenVINO p50 ms"),
 ]
 VARIANT_COLUMNS = [
     ("variant", "variant"),

@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from src.edgekd.augment import normalize
-from src.edgekd.bench import (classification_metrics, make_runner, measure_latency, measure_throughput,
-                              predict_all)
+from src.edgekd.bench import classification_metrics, make_runner, measure_speed, predict_all
 from src.edgekd.config import load_params
 from src.edgekd.data import load_info, load_split
 from src.edgekd.errors import UserError
@@ -31,13 +30,8 @@ def measure(path: Path, images, labels: np.ndarray, classes: list[str], bench) -
     preds = predict_all(run, x).argmax(1)
     m = classification_metrics(labels, preds, classes)
     del m["confusion"]  # written as a dvc plot instead (confusion_<name>.csv)
-    lat = measure_latency(run, x[:1], bench.warmup, bench.runs)
-    batch = np.resize(x, (bench.batch, *x.shape[1:]))  # repeat test images up to the batch size
-    ov = measure_latency(make_runner(path, "openvino", bench.threads), x[:1], bench.warmup, bench.runs)
-    m.update(size_bytes=path.stat().st_size, params=meta.params, latency_p50_ms=lat.p50_ms,
-             latency_p90_ms=lat.p90_ms, latency_runs=lat.runs,
-             throughput_ips=measure_throughput(run, batch, max(1, bench.warmup // 10), max(10, bench.runs // 10)),
-             openvino_latency_p50_ms=ov.p50_ms, openvino_latency_p90_ms=ov.p90_ms)
+    m.update(size_bytes=path.stat().st_size, params=meta.params,
+             **measure_speed(path, x, bench))
     return m, preds
 
 

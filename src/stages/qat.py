@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 from src.edgekd import engine
-from src.edgekd.ckpt import load_model, model_payload, save_checkpoint
+from src.edgekd.ckpt import load_model, load_teachers, model_payload, save_checkpoint
 from src.edgekd.config import as_dict, load_params
 from src.edgekd.data import load_info, load_split
 from src.edgekd.losses import kd_loss_fn, prepare_teachers
@@ -34,7 +33,7 @@ def main() -> None:
     info = load_info(args.data)
     train, val = load_split(args.data, "train"), load_split(args.data, "val")
     student, payload = load_model(args.student)
-    teachers = prepare_teachers([load_model(Path(args.teachers) / f"{a}.pt")[0] for a in p.teachers.archs])
+    teachers = prepare_teachers(load_teachers(args.teachers, p.teachers.archs, info)[0])
     model = prepare_qat(student, info.image_size)  # fake-quant; QAT always runs on CPU (FX kernels)
 
     loss_fn = kd_loss_fn(teachers, p.kd.temperature, p.kd.alpha, p.train.label_smoothing)
@@ -42,13 +41,12 @@ def main() -> None:
     def on_epoch_start(epoch: int) -> None:
         set_qat_phase(model, epoch, p.qat.freeze_bn_epoch, p.qat.freeze_observer_epoch)
 
-    optimizer, scheduler = engine.make_optimizer(model, p.qat.lr, p.train.weight_decay, p.qat.epochs,
-                                                 engine.steps_per_epoch(len(train[0]), p.train.batch_size))
     run_id = engine.fingerprint(as_dict(p.qat), as_dict(p.kd), as_dict(p.train), p.seed,
                                 *payload["state_dict"].values(), train[1], val[1])
     # BN statistics are frozen on schedule in QAT: no re-estimation before validation.
     setup = engine.setup_from_params(p, info, device, p.qat.epochs, args.live, run_id, bn_recalibration=False)
-    result = engine.fit(model, loss_fn, optimizer, scheduler, train, val, setup, on_epoch_start)
+    result = engine.train_model(model, loss_fn, p.qat.lr, p.train.weight_decay, train, val, setup,
+                                on_epoch_start)
     int8_acc = engine.evaluate(convert(model), *val, info.mean, info.std, p.train.eval_batch_size)["acc"]
 
     spec = payload["model"]

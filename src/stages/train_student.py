@@ -8,9 +8,8 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from pathlib import Path
 
-from src.edgekd.ckpt import load_model, model_payload, save_checkpoint
+from src.edgekd.ckpt import load_teachers, model_payload, save_checkpoint
 from src.edgekd.config import as_dict, load_params
 from src.edgekd.data import load_info, load_split
 from src.edgekd.engine import evaluate, fingerprint, setup_from_params, train_model, training_summary
@@ -20,19 +19,6 @@ from src.edgekd.models import build_model
 from src.edgekd.runtime import run_stage, seed_everything, select_device, write_metrics
 
 log = logging.getLogger("edgekd")
-
-
-def load_teachers(folder: Path, archs, info, device):
-    """Teachers `<folder>/<arch>.pt`, checked against the prepared data they will be fed."""
-    teachers, ids = [], []
-    for arch in archs:
-        model, ckpt = load_model(folder / f"{arch}.pt")
-        if ckpt["classes"] != info.classes or ckpt["image_size"] != info.image_size:
-            raise UserError(f"{folder / f'{arch}.pt'}: trained on other classes or image size than "
-                            f"the prepared data; rerun train_teacher@{arch}")
-        teachers.append(model.to(device))
-        ids.append(ckpt["state_dict"])
-    return prepare_teachers(teachers), ids
 
 
 def main() -> None:
@@ -54,7 +40,9 @@ def main() -> None:
     info, train, val = load_info(args.data), load_split(args.data, "train"), load_split(args.data, "val")
     cfg, metrics = params.student, {}
     if args.mode == "distill":
-        teachers, teacher_states = load_teachers(Path(args.teachers), params.teachers.archs, info, device)
+        models, payloads = load_teachers(args.teachers, params.teachers.archs, info)
+        teachers = prepare_teachers([m.to(device) for m in models])
+        teacher_states = [payload["state_dict"] for payload in payloads]
         ensemble = evaluate(lambda x: ensemble_logits(teachers, x), *val, info.mean, info.std,
                             params.train.eval_batch_size, device)
         metrics["teacher_ensemble_val_acc"] = ensemble["acc"]
