@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from src.edgekd.engine import Batch
 from src.edgekd.losses import ensemble_logits, kd_loss, kd_loss_fn, prepare_teachers
 from src.edgekd.models import build_model
 
@@ -104,16 +105,17 @@ def test_ensemble_is_mean_of_teacher_logits_in_eval_mode():
     assert not out.requires_grad and not out.is_inference()  # usable as a loss target
 
 
-def test_kd_closure_trains_student_against_ensemble():
+def test_kd_closure_trains_student_against_stored_teacher_logits():
     torch.manual_seed(0)
-    teachers = prepare_teachers([build_model("resnet18", 5).eval()])
     student = build_model("mobilenet_v3_small", 5, 0.25)
-    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
-    out = kd_loss_fn(teachers, 4.0, 0.7, 0.1)(student, x, y)
+    x, y, teacher = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,)), torch.randn(4, 5)
+    out = kd_loss_fn(4.0, 0.7, 0.1)(student, Batch(x, y, teacher))
     out["loss"].backward()
     assert out["logits"].shape == (4, 5)
+    torch.testing.assert_close(out["loss"], kd_loss(out["logits"], teacher, y, 4.0, 0.7, 0.1)["loss"])
     assert student.classifier[-1].weight.grad.abs().sum() > 0
-    assert all(p.grad is None for t in teachers for p in t.parameters())
+    with pytest.raises(ValueError, match="teacher_logits"):
+        kd_loss_fn(4.0, 0.7, 0.1)(student, Batch(x, y))
 
 
 def test_prepared_teachers_give_the_same_logits():

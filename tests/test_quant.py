@@ -19,9 +19,9 @@ from src.edgekd.quant import convert, load_qat_model, prepare_qat, set_qat_phase
 ARCH = "mobilenet_v3_small_minimal"
 
 
-def _ce(model, x, y):
-    logits = model(x)
-    return {"loss": F.cross_entropy(logits, y), "logits": logits}
+def _ce(model, batch):
+    logits = model(batch.x)
+    return {"loss": F.cross_entropy(logits, batch.y), "logits": logits}
 
 
 def _qat_one_epoch(prepared):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 
 from src.edgekd.ckpt import load_checkpoint
@@ -45,13 +46,21 @@ def test_teacher_baseline_distill_stages(prepared_small, tmp_path):
     assert ckpt["model"] == {"arch": "resnet18", "num_classes": 5, "width": 1.0}
     assert ckpt["image_size"] == 32 and len(ckpt["mean"]) == 3
 
+    run = _stage("soft_targets", "--data", prepared_small, "--teachers", tmp_path / "teachers", "--out",
+                 tmp_path / "soft_targets.pt", "--metrics", tmp_path / "soft_targets.json", "--params", params)
+    assert run.returncode == 0, run.stderr
+    soft = json.loads((tmp_path / "soft_targets.json").read_text())
+    assert 0 <= soft["teacher_ensemble_val_acc"] <= 1 and soft["views"] == 8 and 0 <= soft["ensemble_view_acc"] <= 1
+    logits = load_checkpoint(tmp_path / "soft_targets.pt")["logits"]
+    assert logits.shape[0] == 8 and logits.shape[2] == 5 and not torch.equal(logits[0], logits[1])
+
     for mode, out in (("baseline", "baseline.pt"), ("distill", "student_fp32.pt")):
-        run = _stage("train_student", "--mode", mode, "--data", prepared_small, "--teachers",
-                     tmp_path / "teachers", "--out", tmp_path / out, "--metrics", tmp_path / f"{mode}.json",
+        run = _stage("train_student", "--mode", mode, "--data", prepared_small, "--soft-targets",
+                     tmp_path / "soft_targets.pt", "--out", tmp_path / out, "--metrics", tmp_path / f"{mode}.json",
                      "--live", tmp_path / f"live_{mode}", "--params", params)
         assert run.returncode == 0, run.stderr
     distill = json.loads((tmp_path / "distill.json").read_text())
-    assert 0 <= distill["teacher_ensemble_val_acc"] <= 1 and distill["train_images_per_s"] > 0
+    assert distill["train_images_per_s"] > 0 and distill["epochs_run"] == 1
     assert load_checkpoint(tmp_path / "student_fp32.pt")["model"]["width"] == 0.25
     assert (tmp_path / "live_distill/plots/metrics/val_acc.tsv").is_file()
     assert not (tmp_path / "live_distill/resume.pt").exists()
@@ -62,11 +71,15 @@ def test_stage_errors_are_one_line(prepared_small, tmp_path):
     run = _stage("train_teacher", "--arch", "resnet50", "--data", prepared_small, "--out", tmp_path / "t.pt",
                  "--metrics", tmp_path / "m.json", "--params", params)
     assert run.returncode == 2 and run.stderr.strip().startswith("error: --arch 'resnet50'")
-    run = _stage("train_student", "--mode", "distill", "--data", prepared_small, "--teachers",
-                 tmp_path / "none", "--out", tmp_path / "s.pt", "--metrics", tmp_path / "m.json", "--params", params)
+    run = _stage("soft_targets", "--data", prepared_small, "--teachers", tmp_path / "none", "--out",
+                 tmp_path / "st.pt", "--metrics", tmp_path / "m.json", "--params", params)
     assert run.returncode == 2
     assert run.stderr.strip() == f"error: {tmp_path / 'none/resnet18.pt'}: checkpoint not found (run the stage that writes it first)"
-    assert not (tmp_path / "s.pt").exists()
+    run = _stage("train_student", "--mode", "distill", "--data", prepared_small, "--soft-targets",
+                 tmp_path / "st.pt", "--out", tmp_path / "s.pt", "--metrics", tmp_path / "m.json", "--params", params)
+    assert run.returncode == 2
+    assert run.stderr.strip() == f"error: {tmp_path / 'st.pt'}: checkpoint not found (run the stage that writes it first)"
+    assert not (tmp_path / "s.pt").exists() and not (tmp_path / "st.pt").exists()
 
 
 def _dvc(repo: Path, *args) -> str:
@@ -97,9 +110,13 @@ def test_student_and_kd_params_never_rerun_teachers(tiny_repo: Path):
     assert _changed(repo)[0] == set()
     teachers = {f"train_teacher@{a}" for a in raw["teachers"]["archs"]}
     width, dry = _changed(repo, student__width=0.5)
-    assert {"baseline", "distill"} <= width and not width & teachers
+    assert {"baseline", "distill"} <= width and not width & (teachers | {"soft_targets"})
     assert "Running stage 'baseline'" in dry and "Running stage 'train_teacher" not in dry
+    assert "Running stage 'soft_targets'" not in dry
     temperature, dry = _changed(repo, kd__temperature=2.0)
-    assert "distill" in temperature and "baseline" not in temperature and not temperature & teachers
+    assert "distill" in temperature and "baseline" not in temperature
+    assert not temperature & (teachers | {"soft_targets"})
     assert "Running stage 'distill'" in dry and "Running stage 'baseline'" not in dry
-    assert "Running stage 'train_teacher" not in dry
+    assert "Running stage 'train_teacher" not in dry and "Running stage 'soft_targets'" not in dry
+    views, dry = _changed(repo, kd__views=3)
+    assert "soft_targets" in views and not views & teachers and "Running stage 'soft_targets'" in dry

@@ -21,6 +21,7 @@ TINY_OVERRIDES = {
     "train": {"batch_size": 16, "threads": 1},  # tiny models: a second thread only adds overhead
     "teachers": {"epochs": 1},
     "student": {"epochs": 1},
+    "kd": {"views": 2},
     "qat": {"epochs": 1, "freeze_bn_epoch": 1, "freeze_observer_epoch": 1},
     "export": {"min_int8_agreement": 0.0},  # 1-epoch models: parity is tested elsewhere
     "bench": {"warmup": 2, "runs": 10, "batch": 4},

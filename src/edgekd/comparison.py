@@ -119,7 +119,8 @@ def pipeline_summary(full: Any, incremental: list) -> dict:
             "command": "dvc exp run " + " ".join(f"-S {k}={v}" for k, v in variant.items()),
             "total_s": run.total_s, "ratio": run.total_s / full.total_s,
             "stages_run": list(run.stage_s), "skipped": run.skipped,
-            "teachers_skipped": not any(s.startswith("train_teacher") for s in run.stage_s),
+            # no stage that runs a teacher: training them or computing their soft targets
+            "teachers_skipped": not any(s.startswith("train_teacher") or s == "soft_targets" for s in run.stage_s),
         }
     return summary
 

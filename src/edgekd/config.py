@@ -110,10 +110,12 @@ class StudentConfig:
 class KDConfig:
     temperature: float = 4.0
     alpha: float = 0.7  # weight of the KD term; 0 = plain cross-entropy
+    views: int = 8  # augmented copies of the training set the teachers label once (soft_targets)
 
     def check(self) -> None:
         _require(self.temperature > 0, "kd.temperature", self.temperature, "> 0")
         _require(0 <= self.alpha <= 1, "kd.alpha", self.alpha, "0 <= alpha <= 1")
+        _require(self.views >= 1, "kd.views", self.views, ">= 1")
 
 
 @dataclass(frozen=True)

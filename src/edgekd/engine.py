@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +28,16 @@ from .models import count_params
 
 log = logging.getLogger("edgekd")
 
-LossFn = Callable[[nn.Module, Tensor, Tensor], dict[str, Tensor]]
+
+
+class Batch(NamedTuple):
+    x: Tensor  # (B, 3, H, W) normalised float
+    y: Tensor  # (B,) int64 labels
+    teacher_logits: Tensor | None = None  # (B, C) stored soft targets (distillation), else None
+
+
+LossFn = Callable[[nn.Module, Batch], dict[str, Tensor]]
+BatchSource = Callable[[int, torch.Generator], Iterator[Batch]]  # (epoch, generator) -> batches
 
 
 @dataclass(frozen=True)
@@ -84,7 +93,7 @@ def steps_per_epoch(num_images: int, batch_size: int) -> int:
 
 
 def iterate_batches(images: Tensor, labels: Tensor, setup: FitSetup, generator: torch.Generator,
-                    augment: bool = True) -> Iterator[tuple[Tensor, Tensor]]:
+                    augment: bool = True) -> Iterator[Batch]:
     """Shuffled, augmented, normalised batches: uint8 (N, 3, H, W) -> float (B, 3, H, W) on device."""
     order = torch.randperm(len(images), generator=generator)
     batch = min(setup.batch_size, len(images))
@@ -93,19 +102,20 @@ def iterate_batches(images: Tensor, labels: Tensor, setup: FitSetup, generator: 
         x = images[idx]
         if augment:
             x = augment_batch(x, generator)
-        yield normalize(x.to(setup.device), setup.mean, setup.std), labels[idx].to(setup.device)
+        yield Batch(normalize(x.to(setup.device), setup.mean, setup.std), labels[idx].to(setup.device))
 
 
 def train_one_epoch(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    batches: Iterator[tuple[Tensor, Tensor]], device: torch.device,
+                    batches: Iterator[Batch], device: torch.device,
                     total: int | None = None) -> dict[str, float]:
     """One pass over `batches`; returns mean loss (and its parts), train accuracy, images/s."""
     model.train()
     sums: dict[str, float] = {}
     correct = seen = 0
     start = time.perf_counter()
-    for x, y in tqdm(batches, total=total, leave=False, disable=not sys.stderr.isatty()):
-        out = loss_fn(model, x, y)
+    for batch in tqdm(batches, total=total, leave=False, disable=not sys.stderr.isatty()):
+        out = loss_fn(model, batch)
+        y = batch.y
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         optimizer.step()
@@ -212,8 +222,11 @@ class _Progress:
 
 def fit(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, scheduler: Any,
         train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], setup: FitSetup,
-        on_epoch_start: Callable[[int], None] | None = None) -> FitResult:
+        on_epoch_start: Callable[[int], None] | None = None, batches: BatchSource | None = None) -> FitResult:
     """Train for `setup.epochs`, keep the best-val-accuracy weights, load them into `model`.
+
+    `batches(epoch, generator)` replaces the default source (augmented `train` batches), e.g. with
+    the stored views and teacher logits of distillation; `train` then serves BN re-estimation only.
 
     `on_epoch_start(epoch)` runs before every epoch this process trains, e.g. QAT freezing BN or
     observers. After a resume it is first called with the resumed epoch, never with earlier ones,
@@ -229,8 +242,9 @@ def fit(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, sch
             on_epoch_start(epoch)
         lr = optimizer.param_groups[0]["lr"]
         generator = torch.Generator().manual_seed(setup.seed * 10_007 + epoch)  # shuffle + augment
-        batches = iterate_batches(*train, setup, generator)
-        stats = train_one_epoch(model, loss_fn, optimizer, scheduler, batches, setup.device, total=steps)
+        epoch_batches = (batches(epoch, generator) if batches is not None
+                         else iterate_batches(*train, setup, generator))
+        stats = train_one_epoch(model, loss_fn, optimizer, scheduler, epoch_batches, setup.device, total=steps)
         if setup.bn_recalibration:
             recalibrate_bn(model, train[0], setup)
         val_stats = evaluate(model, *val, setup.mean, setup.std, setup.eval_batch_size, setup.device)
@@ -333,11 +347,11 @@ def setup_from_params(params: Any, info: Any, device: torch.device, epochs: int,
 
 def train_model(model: nn.Module, loss_fn: LossFn, lr: float, weight_decay: float,
                 train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], setup: FitSetup,
-                on_epoch_start: Callable[[int], None] | None = None) -> FitResult:
+                on_epoch_start: Callable[[int], None] | None = None, batches: BatchSource | None = None) -> FitResult:
     """`fit` with this project's optimizer and schedule (AdamW + OneCycle)."""
     steps = steps_per_epoch(len(train[0]), setup.batch_size)
     optimizer, scheduler = make_optimizer(model, lr, weight_decay, setup.epochs, steps)
-    return fit(model, loss_fn, optimizer, scheduler, train, val, setup, on_epoch_start)
+    return fit(model, loss_fn, optimizer, scheduler, train, val, setup, on_epoch_start, batches)
 
 
 def training_summary(result: FitResult, model: nn.Module, wall_s: float) -> dict[str, float]:

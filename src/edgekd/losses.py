@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.experimental.optimization import fuse
+
+from .engine import Batch, LossFn
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, temperature: float,
@@ -61,23 +63,24 @@ def ensemble_logits(teachers: Sequence[nn.Module], x: Tensor) -> Tensor:
     return mean.clone()
 
 
-def ce_loss_fn(label_smoothing: float) -> Callable[[nn.Module, Tensor, Tensor], dict[str, Tensor]]:
+def ce_loss_fn(label_smoothing: float) -> LossFn:
     """Training closure for `engine.fit`: plain (label-smoothed) cross-entropy."""
 
-    def loss_fn(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        logits = model(x)  # (B, C)
-        return {"loss": F.cross_entropy(logits, y, label_smoothing=label_smoothing), "logits": logits}
+    def loss_fn(model: nn.Module, batch: Batch) -> dict[str, Tensor]:
+        logits = model(batch.x)  # (B, C)
+        return {"loss": F.cross_entropy(logits, batch.y, label_smoothing=label_smoothing), "logits": logits}
 
     return loss_fn
 
 
-def kd_loss_fn(teachers: Sequence[nn.Module], temperature: float, alpha: float,
-               label_smoothing: float) -> Callable[[nn.Module, Tensor, Tensor], dict[str, Tensor]]:
-    """Training closure for `engine.fit`: teachers and student see the same augmented batch `x`."""
+def kd_loss_fn(temperature: float, alpha: float, label_smoothing: float) -> LossFn:
+    """Training closure for `engine.fit`: KD against the batch's stored teacher logits (soft_targets)."""
 
-    def loss_fn(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        teacher = ensemble_logits(teachers, x)  # (B, C), no grad
-        logits = model(x)
-        return {**kd_loss(logits, teacher, y, temperature, alpha, label_smoothing), "logits": logits}
+    def loss_fn(model: nn.Module, batch: Batch) -> dict[str, Tensor]:
+        if batch.teacher_logits is None:
+            raise ValueError("kd_loss_fn needs batches with teacher_logits (soft_targets.view_batches)")
+        logits = model(batch.x)
+        return {**kd_loss(logits, batch.teacher_logits, batch.y, temperature, alpha, label_smoothing),
+                "logits": logits}
 
     return loss_fn

@@ -1,4 +1,5 @@
-"""Stage `qat`: fine-tune the distilled student with INT8 fake-quant (CE + KD), save it for export."""
+"""Stage `qat`: fine-tune the distilled student with INT8 fake-quant (CE + KD on the stored teacher
+logits of the training views, as in distill), save it for export."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ import argparse
 import logging
 
 from src.edgekd import engine
-from src.edgekd.ckpt import load_model, load_teachers, model_payload, save_checkpoint
+from src.edgekd.ckpt import load_model, model_payload, save_checkpoint
 from src.edgekd.config import as_dict, load_params
 from src.edgekd.data import load_info, load_split
-from src.edgekd.losses import kd_loss_fn, prepare_teachers
+from src.edgekd.losses import kd_loss_fn
 from src.edgekd.quant import convert, prepare_qat, set_qat_phase
 from src.edgekd.runtime import run_stage, seed_everything, select_device, write_metrics
+from src.edgekd.soft_targets import load_soft_targets, view_batches
 
 log = logging.getLogger("edgekd")
 
@@ -20,7 +22,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", required=True, help="prepared-data folder")
     parser.add_argument("--student", required=True, help="distilled FP32 student checkpoint")
-    parser.add_argument("--teachers", required=True, help="folder of teacher checkpoints <arch>.pt")
+    parser.add_argument("--soft-targets", required=True, help="teacher logits of the training views")
     parser.add_argument("--out", required=True, help="QAT checkpoint to write")
     parser.add_argument("--metrics", required=True)
     parser.add_argument("--live", default=None, help="dvclive folder")
@@ -33,20 +35,20 @@ def main() -> None:
     info = load_info(args.data)
     train, val = load_split(args.data, "train"), load_split(args.data, "val")
     student, payload = load_model(args.student)
-    teachers = prepare_teachers(load_teachers(args.teachers, p.teachers.archs, info)[0])
+    targets = load_soft_targets(args.soft_targets, train[0], p.seed, len(info.classes))
     model = prepare_qat(student, info.image_size)  # fake-quant; QAT always runs on CPU (FX kernels)
 
-    loss_fn = kd_loss_fn(teachers, p.kd.temperature, p.kd.alpha, p.train.label_smoothing)
+    loss_fn = kd_loss_fn(p.kd.temperature, p.kd.alpha, p.train.label_smoothing)
 
     def on_epoch_start(epoch: int) -> None:
         set_qat_phase(model, epoch, p.qat.freeze_bn_epoch, p.qat.freeze_observer_epoch)
 
-    run_id = engine.fingerprint(as_dict(p.qat), as_dict(p.kd), as_dict(p.train), p.seed,
+    run_id = engine.fingerprint(as_dict(p.qat), as_dict(p.kd), as_dict(p.train), p.seed, targets["logits"],
                                 *payload["state_dict"].values(), train[1], val[1])
     # BN statistics are frozen on schedule in QAT: no re-estimation before validation.
     setup = engine.setup_from_params(p, info, device, p.qat.epochs, args.live, run_id, bn_recalibration=False)
-    result = engine.train_model(model, loss_fn, p.qat.lr, p.train.weight_decay, train, val, setup,
-                                on_epoch_start)
+    result = engine.train_model(model, loss_fn, p.qat.lr, p.train.weight_decay, train, val, setup, on_epoch_start,
+                                batches=view_batches(*train, targets, setup))
     int8_acc = engine.evaluate(convert(model), *val, info.mean, info.std, p.train.eval_batch_size)["acc"]
 
     spec = payload["model"]

@@ -1,6 +1,7 @@
 """Stages `baseline` (student, CE only) and `distill` (student, CE + KD from the teacher ensemble).
 
-Both use the same schedule, augmentation and seed, so their difference is the distillation alone.
+Both use the same schedule and seed. `distill` trains on the augmented views that the teachers labelled
+in the soft_targets stage (view e mod V in epoch e), `baseline` on freshly augmented batches.
 """
 
 from __future__ import annotations
@@ -9,14 +10,15 @@ import argparse
 import logging
 import time
 
-from src.edgekd.ckpt import load_teachers, model_payload, save_checkpoint
+from src.edgekd.ckpt import model_payload, save_checkpoint
 from src.edgekd.config import as_dict, load_params
 from src.edgekd.data import load_info, load_split
 from src.edgekd.engine import evaluate, fingerprint, setup_from_params, train_model, training_summary
 from src.edgekd.errors import UserError
-from src.edgekd.losses import ce_loss_fn, ensemble_logits, kd_loss_fn, prepare_teachers
+from src.edgekd.losses import ce_loss_fn, kd_loss_fn
 from src.edgekd.models import build_model
 from src.edgekd.runtime import run_stage, seed_everything, select_device, write_metrics
+from src.edgekd.soft_targets import load_soft_targets, view_batches
 
 log = logging.getLogger("edgekd")
 
@@ -25,40 +27,37 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--mode", required=True, choices=["baseline", "distill"])
     parser.add_argument("--data", required=True, help="prepared-data folder")
-    parser.add_argument("--teachers", help="folder with <arch>.pt per teachers.archs (distill)")
+    parser.add_argument("--soft-targets", help="teacher logits of the training views (distill)")
     parser.add_argument("--out", required=True, help="student checkpoint to write")
     parser.add_argument("--metrics", required=True, help="metrics JSON to write")
     parser.add_argument("--live", help="dvclive folder (per-epoch curves, resume file)")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
     params = load_params(args.params)
-    if args.mode == "distill" and not args.teachers:
-        raise UserError("--mode distill needs --teachers DIR")
+    if args.mode == "distill" and not args.soft_targets:
+        raise UserError("--mode distill needs --soft-targets FILE")
     start = time.perf_counter()
     seed_everything(params.seed)
     device = select_device(params.train.device, params.train.threads)
     info, train, val = load_info(args.data), load_split(args.data, "train"), load_split(args.data, "val")
-    cfg, metrics = params.student, {}
-    if args.mode == "distill":
-        models, payloads = load_teachers(args.teachers, params.teachers.archs, info)
-        teachers = prepare_teachers([m.to(device) for m in models])
-        teacher_states = [payload["state_dict"] for payload in payloads]
-        ensemble = evaluate(lambda x: ensemble_logits(teachers, x), *val, info.mean, info.std,
-                            params.train.eval_batch_size, device)
-        metrics["teacher_ensemble_val_acc"] = ensemble["acc"]
-        loss_fn = kd_loss_fn(teachers, params.kd.temperature, params.kd.alpha, params.train.label_smoothing)
-        extra_id = [as_dict(params.kd), teacher_states]
-    else:
-        loss_fn, extra_id = ce_loss_fn(params.train.label_smoothing), []
+    cfg = params.student
+    targets = (load_soft_targets(args.soft_targets, train[0], params.seed, len(info.classes))
+               if args.mode == "distill" else None)
+    kd_id = [] if targets is None else [params.kd.temperature, params.kd.alpha, targets["logits"]]
     model = build_model(cfg.arch, len(info.classes), cfg.width)
-    run_id = fingerprint(args.mode, params.seed, as_dict(params.train), as_dict(cfg), *extra_id, *train, *val)
+    run_id = fingerprint(args.mode, params.seed, as_dict(params.train), as_dict(cfg), *kd_id, *train, *val)
     setup = setup_from_params(params, info, device, cfg.epochs, args.live, run_id)
+    if targets is None:
+        loss_fn, batches = ce_loss_fn(params.train.label_smoothing), None
+    else:
+        loss_fn = kd_loss_fn(params.kd.temperature, params.kd.alpha, params.train.label_smoothing)
+        batches = view_batches(*train, targets, setup)
 
-    result = train_model(model, loss_fn, cfg.lr, params.train.weight_decay, train, val, setup)
+    result = train_model(model, loss_fn, cfg.lr, params.train.weight_decay, train, val, setup, batches=batches)
 
     save_checkpoint(args.out, model_payload(model, cfg.arch, cfg.width, info, val_acc=result.best_val_acc,
                                             mode=args.mode))
-    write_metrics(args.metrics, {**training_summary(result, model, time.perf_counter() - start), **metrics})
+    write_metrics(args.metrics, training_summary(result, model, time.perf_counter() - start))
     log.info("%s: val_acc %.4f (epoch %d), %s", args.mode, result.best_val_acc, result.best_epoch + 1, args.out)
 
 
