@@ -50,9 +50,9 @@ def test_teacher_baseline_distill_stages(prepared_small, tmp_path):
                  tmp_path / "soft_targets.pt", "--metrics", tmp_path / "soft_targets.json", "--params", params)
     assert run.returncode == 0, run.stderr
     soft = json.loads((tmp_path / "soft_targets.json").read_text())
-    assert 0 <= soft["teacher_ensemble_val_acc"] <= 1 and soft["views"] == 8 and 0 <= soft["ensemble_view_acc"] <= 1
+    assert 0 <= soft["teacher_ensemble_val_acc"] <= 1 and soft["views"] == 20 and 0 <= soft["ensemble_view_acc"] <= 1
     logits = load_checkpoint(tmp_path / "soft_targets.pt")["logits"]
-    assert logits.shape[0] == 8 and logits.shape[2] == 5 and not torch.equal(logits[0], logits[1])
+    assert logits.shape[0] == 20 and logits.shape[2] == 5 and not torch.equal(logits[0], logits[1])
 
     for mode, out in (("baseline", "baseline.pt"), ("distill", "student_fp32.pt")):
         run = _stage("train_student", "--mode", mode, "--data", prepared_small, "--soft-targets",
