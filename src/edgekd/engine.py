@@ -29,7 +29,6 @@ from .models import count_params
 log = logging.getLogger("edgekd")
 
 
-
 class Batch(NamedTuple):
     x: Tensor  # (B, 3, H, W) normalised float
     y: Tensor  # (B,) int64 labels

@@ -13,7 +13,7 @@ import time
 from src.edgekd.ckpt import model_payload, save_checkpoint
 from src.edgekd.config import as_dict, load_params
 from src.edgekd.data import load_info, load_split
-from src.edgekd.engine import evaluate, fingerprint, setup_from_params, train_model, training_summary
+from src.edgekd.engine import fingerprint, setup_from_params, train_model, training_summary
 from src.edgekd.errors import UserError
 from src.edgekd.losses import ce_loss_fn, kd_loss_fn
 from src.edgekd.models import build_model
