@@ -92,8 +92,9 @@ def steps_per_epoch(num_images: int, batch_size: int) -> int:
 
 
 def iterate_batches(images: Tensor, labels: Tensor, setup: FitSetup, generator: torch.Generator,
-                    augment: bool = True) -> Iterator[Batch]:
-    """Shuffled, augmented, normalised batches: uint8 (N, 3, H, W) -> float (B, 3, H, W) on device."""
+                    augment: bool = True, teacher_logits: Tensor | None = None) -> Iterator[Batch]:
+    """Shuffled, augmented, normalised batches: uint8 (N, 3, H, W) -> float (B, 3, H, W) on device,
+    with the matching rows of `teacher_logits` (N, C) when given."""
     order = torch.randperm(len(images), generator=generator)
     batch = min(setup.batch_size, len(images))
     for step in range(steps_per_epoch(len(images), setup.batch_size)):
@@ -101,7 +102,8 @@ def iterate_batches(images: Tensor, labels: Tensor, setup: FitSetup, generator: 
         x = images[idx]
         if augment:
             x = augment_batch(x, generator)
-        yield Batch(normalize(x.to(setup.device), setup.mean, setup.std), labels[idx].to(setup.device))
+        soft = None if teacher_logits is None else teacher_logits[idx].to(setup.device)
+        yield Batch(normalize(x.to(setup.device), setup.mean, setup.std), labels[idx].to(setup.device), soft)
 
 
 def train_one_epoch(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, scheduler: Any,

@@ -22,9 +22,9 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .augment import augment_batch, normalize
+from .augment import augment_batch
 from .ckpt import load_checkpoint, save_checkpoint
-from .engine import Batch, FitSetup, steps_per_epoch
+from .engine import Batch, FitSetup, iterate_batches, predict_logits
 from .errors import UserError
 from .losses import ensemble_logits
 
@@ -51,9 +51,7 @@ def compute_soft_targets(teachers: Sequence[nn.Module], images: Tensor, labels: 
     for view in tqdm(range(views), desc="soft targets", leave=False):
         pixels = render_view(images, seed, view)
         hashes.append(pixel_hash(pixels))
-        logits.append(torch.cat([
-            ensemble_logits(teachers, normalize(pixels[start:start + batch_size].to(device), mean, std)).cpu()
-            for start in range(0, len(pixels), batch_size)]))
+        logits.append(predict_logits(lambda x: ensemble_logits(teachers, x), pixels, mean, std, batch_size, device))
     stacked = torch.stack(logits)  # (V, N, C)
     accuracy = (stacked.argmax(-1) == labels).float().mean().item()
     return {"logits": stacked, "view_hashes": hashes, "seed": seed, "num_images": len(images),
@@ -86,11 +84,6 @@ def view_batches(images: Tensor, labels: Tensor, targets: dict,
         if pixel_hash(pixels) != hashes[view]:
             raise UserError(f"view {view} renders differently from when its soft targets were computed "
                             "(augmentation code or library version changed); rerun the soft_targets stage")
-        order = torch.randperm(len(images), generator=generator)
-        size = min(setup.batch_size, len(images))
-        for step in range(steps_per_epoch(len(images), setup.batch_size)):
-            idx = order[step * size:(step + 1) * size]
-            x = normalize(pixels[idx].to(setup.device), setup.mean, setup.std)
-            yield Batch(x, labels[idx].to(setup.device), logits[view][idx].to(setup.device))
+        yield from iterate_batches(pixels, labels, setup, generator, augment=False, teacher_logits=logits[view])
 
     return batches
