@@ -51,6 +51,18 @@ def test_minimal_variant_has_no_squeeze_excite_and_only_relu():
     assert count_params(model) < count_params(build_model("mobilenet_v3_small_relu", 5, 0.25))
 
 
+
+def test_fused_variant_has_no_depthwise_conv_no_residual_add_and_a_patchify_stem():
+    model = build_model("mobilenet_v3_small_fused", 5, 0.25).eval()
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert min(c.in_channels // c.groups for c in convs[1:]) >= 8  # no depthwise (1 channel per group)
+    assert convs[0].kernel_size == convs[0].stride == (4, 4) and convs[0].in_channels == 3
+    ops = {n.target for n in torch.fx.symbolic_trace(model).graph.nodes if n.op == "call_function"}
+    assert not any("add" in getattr(op, "__name__", str(op)) for op in ops), ops
+    # same downsampling as MobileNetV3-Small: 64 px in, 2x2 before the pooling
+    assert model.features(torch.zeros(1, 3, 64, 64)).shape[-2:] == (2, 2)
+
+
 @pytest.mark.parametrize("arch", STUDENT_ARCHS)
 def test_students_trace_with_fx(arch):
     # FX quantization (QAT) needs a symbolically traceable module.

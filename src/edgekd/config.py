@@ -18,7 +18,8 @@ import yaml
 from .errors import UserError
 
 TEACHER_ARCHS = ("resnet18", "mobilenet_v2", "densenet121")
-STUDENT_ARCHS = ("mobilenet_v3_small", "mobilenet_v3_small_relu", "mobilenet_v3_small_minimal")
+STUDENT_ARCHS = ("mobilenet_v3_small", "mobilenet_v3_small_relu", "mobilenet_v3_small_minimal",
+                 "mobilenet_v3_small_fused")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -93,7 +94,7 @@ class TeachersConfig:
 
 @dataclass(frozen=True)
 class StudentConfig:
-    arch: str = "mobilenet_v3_small_minimal"  # no SE, ReLU: fastest and most accurate INT8 here
+    arch: str = "mobilenet_v3_small_fused"  # integer-fast ops: INT8 faster than FP32 in onnxruntime
     width: float = 0.25  # MobileNetV3 width multiplier
     epochs: int = 20
     lr: float = 0.01
