@@ -93,7 +93,6 @@ class _FusedBlock(nn.Module):
                                  groups=groups, norm_layer=norm_layer, activation_layer=nn.ReLU),
             Conv2dNormActivation(cnf.expanded_channels, cnf.out_channels, 1, norm_layer=norm_layer,
                                  activation_layer=None))
-        self.out_channels = cnf.out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block(x)
