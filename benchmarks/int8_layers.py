@@ -21,8 +21,9 @@ from torch import nn
 from torchvision.ops.misc import Conv2dNormActivation
 
 from src.edgekd.bench import make_runner, measure_latency
-from src.edgekd.export import ModelMeta, export_onnx
-from src.edgekd.quant import convert, prepare_qat
+from src.edgekd.export import ModelMeta
+
+from benchmarks.int8_variants import export_fp32_int8
 
 # (channels, spatial size): the shapes a 64 px MobileNetV3-Small passes through at width 0.25-0.5
 SHAPES = ((16, 32), (32, 16), (64, 8), (128, 4))
@@ -41,15 +42,9 @@ def stack(channels: int, kind: str, depth: int) -> nn.Module:
 
 def p50_ms(model: nn.Module, size: int, tmp: Path, warmup: int, runs: int) -> tuple[float, float]:
     """p50 of the FP32 and INT8 exports of `model` (best of 3 repeats against scheduler noise)."""
-    torch.manual_seed(0)
-    model.eval()
-    qat = prepare_qat(model, size)
-    with torch.no_grad():
-        for _ in range(4):  # calibrate ranges on noise; latency does not depend on weights
-            qat(torch.randn(8, 3, size, size))
     meta = ModelMeta(classes=["a"], image_size=size, mean=[0.5] * 3, std=[0.25] * 3)
     x = np.random.default_rng(0).standard_normal((1, 3, size, size), dtype=np.float32)
-    paths = export_onnx(model, tmp / "fp32.onnx", meta, 17), export_onnx(convert(qat), tmp / "int8.onnx", meta, 17)
+    paths = export_fp32_int8(model, meta, tmp)
     return tuple(min(measure_latency(make_runner(p), x, warmup, runs).p50_ms for _ in range(3)) for p in paths)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from src.edgekd.bench import make_runner, measure_latency
 from src.edgekd.config import STUDENT_ARCHS
@@ -23,17 +24,25 @@ from src.edgekd.models import build_model
 from src.edgekd.quant import convert, prepare_qat
 
 
-def variant_row(arch: str, width: float, size: int, tmp: Path, warmup: int, runs: int) -> dict:
+def export_fp32_int8(model: nn.Module, meta: ModelMeta, tmp: Path) -> tuple[Path, Path]:
+    """FP32 and INT8 ONNX files of `model` exported as the pipeline does, INT8 ranges calibrated on noise."""
     torch.manual_seed(0)
-    model = build_model(arch, 5, width).eval()
+    model.eval()
+    size = meta.image_size
     qat = prepare_qat(model, size)
     with torch.no_grad():
         for _ in range(4):  # calibrate ranges: (16, 3, H, W) noise
             qat(torch.randn(16, 3, size, size))
+    stem = f"{meta.arch}_{size}"
+    return (export_onnx(model, tmp / f"{stem}_fp32.onnx", meta, opset=17),
+            export_onnx(convert(qat), tmp / f"{stem}_int8.onnx", meta, opset=17))
+
+
+def variant_row(arch: str, width: float, size: int, tmp: Path, warmup: int, runs: int) -> dict:
+    torch.manual_seed(0)
     meta = ModelMeta(classes=list("abcde"), image_size=size, mean=[0.5] * 3, std=[0.25] * 3, arch=arch,
                      width=width)
-    fp32 = export_onnx(model, tmp / f"{arch}_{size}_fp32.onnx", meta, opset=17)
-    int8 = export_onnx(convert(qat), tmp / f"{arch}_{size}_int8.onnx", meta, opset=17)
+    fp32, int8 = export_fp32_int8(build_model(arch, 5, width), meta, tmp)
     x = np.random.default_rng(0).standard_normal((1, 3, size, size), dtype=np.float32)
     row = {"arch": arch, "width": width, "image_size": size,
            "fp32_bytes": fp32.stat().st_size, "int8_bytes": int8.stat().st_size,

@@ -6,9 +6,12 @@ from pathlib import Path
 
 import yaml
 
+from src.edgekd.config import StudentConfig
 from src.edgekd.experiments import overrides_to_args, parse_stage_log
 from src.edgekd.report import MAIN_COLUMNS, VARIANT_COLUMNS, format_value, markdown_table
 from tiny_pipeline import REPO, sh
+
+DEFAULT_ARCH = StudentConfig().arch
 
 SEED_MODELS = REPO.parent / "shared/reference/seed-models/rice-image"
 
@@ -79,7 +82,7 @@ def test_benchmark_on_tiny_run_writes_report_and_restores_main_run(tiny_repo: Pa
 
     # Each variant departs from the main run: the second one is back at width 0.25.
     assert [(v["arch"], v["width"]) for v in results["variants"]] == [
-        ("mobilenet_v3_small_minimal", 0.25), ("mobilenet_v3_small_minimal", 0.5), ("mobilenet_v3_small", 0.25)]
+        (DEFAULT_ARCH, 0.25), (DEFAULT_ARCH, 0.5), ("mobilenet_v3_small", 0.25)]
     pipeline = results["pipeline"]
     assert {"prepare", "train_teacher@resnet18", "distill", "qat", "export", "evaluate"} <= set(pipeline["stages"])
     incremental = pipeline["incremental"]
