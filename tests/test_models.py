@@ -51,7 +51,6 @@ def test_minimal_variant_has_no_squeeze_excite_and_only_relu():
     assert count_params(model) < count_params(build_model("mobilenet_v3_small_relu", 5, 0.25))
 
 
-
 def test_fused_variant_has_no_depthwise_conv_no_residual_add_and_a_patchify_stem():
     model = build_model("mobilenet_v3_small_fused", 5, 0.25).eval()
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]

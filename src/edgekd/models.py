@@ -72,17 +72,17 @@ def _minimal_mobilenet_v3_small(num_classes: int, width: float) -> nn.Module:
     return _hardswish_to_relu(model)  # the last conv and the classifier hard-code Hardswish
 
 
-# Channels per group of the fused blocks' kxk convs (see _FusedBlock).
+# Input channels per group of the fused blocks' 3x3 convs (see _FusedBlock).
 FUSED_GROUP_CHANNELS = 8
 
 
 class _FusedBlock(nn.Module):
     """An inverted-residual block whose 1x1 expand + depthwise pair is one grouped 3x3 conv.
 
-    onnxruntime's integer depthwise kernels are 1.4-2.5x slower than its FP32 ones at these sizes,
-    while dense and grouped integer convs are 2-3x faster (reports/int8_variants.md); 5x5 kernels
-    become 3x3 to keep the INT8 file under 0.2 MB. No residual add: in FP32 onnxruntime fuses it
-    into the conv, in INT8 it is a separate QLinearAdd (~3.5 us each at 64 px).
+    onnxruntime's integer depthwise kernels are 1.6-2.9x slower than its FP32 ones at these sizes,
+    while its integer dense 3x3 and 1x1 convs are faster (reports/int8_layers.md); groups of 8
+    channels and 3x3 in place of 5x5 kernels keep the INT8 file under 0.2 MB. No residual add: in
+    FP32 onnxruntime fuses it into the conv, in INT8 it is a separate QLinearAdd (~3.5 us at 64 px).
     """
 
     def __init__(self, cnf: InvertedResidualConfig, norm_layer) -> None:
