@@ -64,13 +64,13 @@ def main() -> None:
     main_eval = read_json(repo / "metrics" / "evaluate.json")
     params = load_params()
     main_params_text = (repo / "params.yaml").read_text()
-    variants = [comparison.variant_row(params.student, params.data.image_size, main_eval)]
+    variants = [comparison.variant_row(params.student, params.student_image_size, main_eval)]
     incremental = []
     for variant in cfg.get("variants", []):
         (repo / "params.yaml").write_text(main_params_text)  # each variant departs from the main run
         run = run_experiment(overrides_to_args(variant), repo)
         v_params = load_params()
-        variants.append(comparison.variant_row(v_params.student, v_params.data.image_size,
+        variants.append(comparison.variant_row(v_params.student, v_params.student_image_size,
                                                  read_json(repo / "metrics" / "evaluate.json")))
         incremental.append((variant, run))
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from src.edgekd.augment import augment_batch, normalize
+from src.edgekd.augment import augment_batch, normalize, resize_batch
 from src.edgekd.data import load_split
 
 
@@ -45,6 +45,16 @@ def test_rejects_float_or_non_square():
         augment_batch(torch.zeros(2, 3, 8, 8), g)
     with pytest.raises(ValueError, match="square"):
         augment_batch(torch.zeros(2, 3, 8, 9, dtype=torch.uint8), g)
+
+
+def test_resize_batch_downscales_uint8_and_keeps_same_size_as_is(images):
+    small = resize_batch(images, 16)
+    assert small.shape == (8, 3, 16, 16) and small.dtype == torch.uint8
+    assert resize_batch(images, None) is images and resize_batch(images, 32) is images
+    # a low-pass resize keeps each image's mean brightness and a flat image flat
+    assert (small.float().mean(dim=(2, 3)) - images.float().mean(dim=(2, 3))).abs().max() < 1.0
+    flat = torch.full((1, 3, 32, 32), 77, dtype=torch.uint8)
+    assert torch.equal(resize_batch(flat, 16), torch.full((1, 3, 16, 16), 77, dtype=torch.uint8))
 
 
 def test_normalize():

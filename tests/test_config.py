@@ -49,6 +49,9 @@ def test_repo_params_are_valid_and_match_dataclass_defaults_types():
         ("student.width", "wide", "a finite number"),
         ("student.epochs", 2.5, "an integer"),
         ("data.val_fraction", 1.2, "0 < x < 1"),
+        ("student.image_size", 8, "null or an integer >= 16"),
+        ("student.image_size", 96, "null or <= data.image_size (64)"),
+        ("student.image_size", "big", "an integer"),
     ],
 )
 def test_bad_values_fail_with_one_line_naming_param(key, value, allowed):
@@ -60,6 +63,11 @@ def test_bad_values_fail_with_one_line_naming_param(key, value, allowed):
     shown = value[-1] if isinstance(value, list) else value  # a list names its bad item
     assert repr(shown) in message
     assert allowed in message
+
+
+def test_student_image_size_defaults_to_the_data_size():
+    assert params_from_dict(with_override("student.image_size", None)).student_image_size == 64
+    assert params_from_dict(with_override("student.image_size", 48)).student_image_size == 48
 
 
 def test_fractions_that_leave_nothing_to_train_on():

@@ -1,7 +1,7 @@
 """Training stages end to end on real rice images, and DVC's rerun rules for them.
 
-The last test is the pipeline contract of issue 3: after a full run, changing `student.*` or
-`kd.*` must rerun the student stages but never a teacher.
+The last tests are the pipeline contract of issue 3: after a full run, changing `student.*` or
+`kd.*` must rerun the student stages but never a teacher, also for a smaller student input.
 """
 
 import json
@@ -9,10 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnx
 import torch
 import yaml
+from tiny_pipeline import set_params
 
 from src.edgekd.ckpt import load_checkpoint
+from src.edgekd.export import read_metadata
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"train": {"batch_size": 16, "eval_batch_size": 64}, "teachers": {"epochs": 1},
@@ -120,3 +123,21 @@ def test_student_and_kd_params_never_rerun_teachers(tiny_repo: Path):
     assert "Running stage 'train_teacher" not in dry and "Running stage 'soft_targets'" not in dry
     views, dry = _changed(repo, kd__views=3)
     assert "soft_targets" in views and not views & teachers and "Running stage 'soft_targets'" in dry
+
+
+def test_smaller_student_input_trains_on_teacher_views_and_deploys_at_its_size(tiny_repo: Path):
+    repo = tiny_repo  # data.image_size 32: the teachers and their soft targets stay as they are
+    set_params(repo, {"student": {"image_size": 16}})
+    out = _dvc(repo, "repro")
+    assert "Running stage 'distill'" in out and "Running stage 'evaluate'" in out
+    assert "Running stage 'train_teacher" not in out and "Running stage 'soft_targets'" not in out
+    for name in ("baseline", "student_fp32", "student_int8"):
+        path = repo / "models" / f"{name}.onnx"
+        dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+        assert read_metadata(path).image_size == 16 and [d.dim_value for d in dims[1:]] == [3, 16, 16]
+    assert load_checkpoint(repo / "models/student_qat.pt")["image_size"] == 16
+    assert 0 <= json.loads((repo / "metrics/evaluate.json").read_text())["int8"]["accuracy"] <= 1
+    image = next(Path(yaml.safe_load((repo / "params.yaml").read_text())["data"]["root"]).rglob("*.jpg"))
+    run = subprocess.run([sys.executable, "-m", "src.predict", "models/student_int8.onnx", str(image), "--json"],
+                         cwd=repo, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and json.loads(run.stdout)["path"] == str(image), run.stderr

@@ -37,6 +37,13 @@ def augment_batch(images: Tensor, generator: torch.Generator) -> Tensor:
     return torch.stack([_geometry_and_colour(img, generator) for img in images])
 
 
+def resize_batch(images: Tensor, size: int | None) -> Tensor:
+    """uint8 (B, 3, H, W) -> (B, 3, size, size), antialiased bilinear; as is when size is None or H."""
+    if size is None or tuple(images.shape[-2:]) == (size, size):
+        return images
+    return TF.resize(images, [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+
+
 def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """uint8 (B, 3, H, W) -> float32 (x / 255 - mean) / std, the only input the models ever see."""
     mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)

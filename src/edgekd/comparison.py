@@ -15,12 +15,13 @@ import onnx
 import pandas as pd
 import torch
 
-from .augment import normalize
+from .augment import normalize, resize_batch
 from .bench import classification_metrics, make_runner, measure_speed, predict_all
 from .ckpt import load_teachers
 from .config import Params, StudentConfig
 from .data import load_info, load_split
 from .engine import evaluate, predict_logits
+from .export import read_metadata
 from .images import load_image
 from .losses import ensemble_logits, prepare_teachers
 from .models import count_params
@@ -85,15 +86,15 @@ def main_rows(params: Params, repo: Path, main_eval: dict, seed_cfg: dict) -> tu
     prepared, models = repo / "prepared", repo / "models"
     info = load_info(prepared)
     images, labels = load_split(prepared, "test")
-    ours_x = normalize(images, info.mean, info.std).numpy()  # (N, 3, H, W) float32
     rows = teacher_rows(params, prepared, models / "teachers")
     for key, name, file in [("baseline", "student baseline (no KD), FP32", "baseline.onnx"),
                             ("fp32", "student distilled, FP32", "student_fp32.onnx"),
                             ("int8", "student distilled + QAT, INT8", "student_int8.onnx")]:
-        m = main_eval[key]
+        m, size = main_eval[key], read_metadata(models / file).image_size
+        x = normalize(resize_batch(images, size), info.mean, info.std).numpy()  # (N, 3, H, W) float32
         rows.append({"model": name, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
                      "size_bytes": m["size_bytes"], "params": m["params"],
-                     **measure_speed(models / file, ours_x, params.bench)})
+                     **measure_speed(models / file, x, params.bench)})
     seed_x, seed_labels = seed_inputs(prepared, repo / params.data.root, seed_cfg,
                                       params.data.max_image_pixels)
     seed_params = onnx_float_params(repo / seed_cfg["fp32"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -98,11 +99,16 @@ class StudentConfig:
     width: float = 0.25  # MobileNetV3 width multiplier
     epochs: int = 20
     lr: float = 0.01
+    # Input side in px; None = data.image_size. Smaller sides trade accuracy for latency without
+    # retraining the teachers: the student sees the teachers' views downscaled.
+    image_size: int | None = None
 
     def check(self) -> None:
         _require(self.arch in STUDENT_ARCHS, "student.arch", self.arch,
                  f"one of {list(STUDENT_ARCHS)}")
         _require(0 < self.width <= 4, "student.width", self.width, "0 < width <= 4")
+        _require(self.image_size is None or self.image_size >= 16, "student.image_size", self.image_size,
+                 "null or an integer >= 16")
         _require(self.epochs >= 1, "student.epochs", self.epochs, ">= 1")
         _require(self.lr > 0, "student.lr", self.lr, "> 0")
 
@@ -180,6 +186,12 @@ class Params:
             section = getattr(self, f.name)
             if hasattr(section, "check"):
                 section.check()
+        _require(self.student_image_size <= self.data.image_size, "student.image_size", self.student.image_size,
+                 f"null or <= data.image_size ({self.data.image_size}): students are trained on the cached images")
+
+    @property
+    def student_image_size(self) -> int:
+        return self.student.image_size or self.data.image_size
 
 
 def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
@@ -190,6 +202,11 @@ def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
 def _coerce(name: str, value: Any, hint: Any) -> Any:
     """Convert a YAML value to the annotated type, or say which parameter is wrong."""
     origin = get_origin(hint)
+    if origin is types.UnionType and type(None) in get_args(hint):  # `X | None`
+        if value is None:
+            return None
+        (inner,) = [arg for arg in get_args(hint) if arg is not type(None)]
+        return _coerce(name, value, inner)
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ParamError(f"params: {name} must be a mapping, got {value!r}")

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .augment import augment_batch, normalize
+from .augment import augment_batch, normalize, resize_batch
 from .ckpt import load_checkpoint, save_checkpoint
 from .models import count_params
 
@@ -55,6 +55,7 @@ class FitSetup:
     resume_path: str | Path | None = None  # epoch checkpoint; None = no resume
     fingerprint: str = ""  # identity of params + data; a resume file with another one is stale
     bn_recalibration: bool = True  # re-estimate BN statistics before each validation (see below)
+    input_size: int | None = None  # model input side; images are augmented at cache size, then resized
 
 
 @dataclass
@@ -102,6 +103,7 @@ def iterate_batches(images: Tensor, labels: Tensor, setup: FitSetup, generator: 
         x = images[idx]
         if augment:
             x = augment_batch(x, generator)
+        x = resize_batch(x, setup.input_size)
         soft = None if teacher_logits is None else teacher_logits[idx].to(setup.device)
         yield Batch(normalize(x.to(setup.device), setup.mean, setup.std), labels[idx].to(setup.device), soft)
 
@@ -181,7 +183,7 @@ def recalibrate_bn(model: nn.Module, images: Tensor, setup: FitSetup, max_images
         n = len(pick)
         batch = min(setup.batch_size, n)
         for step in range(steps_per_epoch(n, setup.batch_size)):  # full batches: BN needs > 1 value
-            x = images[pick[step * batch:(step + 1) * batch]]  # (B, 3, H, W) uint8
+            x = resize_batch(images[pick[step * batch:(step + 1) * batch]], setup.input_size)  # (B, 3, H, W) uint8
             model(normalize(x.to(setup.device), setup.mean, setup.std))
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
@@ -228,6 +230,8 @@ def fit(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, sch
 
     `batches(epoch, generator)` replaces the default source (augmented `train` batches), e.g. with
     the stored views and teacher logits of distillation; `train` then serves BN re-estimation only.
+    All images come at the cached size; `setup.input_size` downscales every batch after augmentation
+    (and val once), so a smaller student trains on exactly the views its teachers labelled.
 
     `on_epoch_start(epoch)` runs before every epoch this process trains, e.g. QAT freezing BN or
     observers. After a resume it is first called with the resumed epoch, never with earlier ones,
@@ -235,6 +239,7 @@ def fit(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, sch
     restored with the weights anyway).
     """
     model.to(setup.device)
+    val = (resize_batch(val[0], setup.input_size), val[1])
     progress = _restore(model, optimizer, scheduler, setup)
     live = _open_live(setup.live_dir, resumed=progress.next_epoch > 0)
     steps = steps_per_epoch(len(train[0]), setup.batch_size)
@@ -335,14 +340,15 @@ def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
 
 
 def setup_from_params(params: Any, info: Any, device: torch.device, epochs: int,
-                      live_dir: str | Path | None, fingerprint_: str, bn_recalibration: bool = True) -> FitSetup:
+                      live_dir: str | Path | None, fingerprint_: str, bn_recalibration: bool = True,
+                      input_size: int | None = None) -> FitSetup:
     """FitSetup from params.yaml's `train` section; the resume file lives in the dvclive folder,
     which DVC keeps between runs (`persist: true`) and which holds no other model file."""
     return FitSetup(
         epochs=epochs, batch_size=params.train.batch_size, eval_batch_size=params.train.eval_batch_size,
         seed=params.seed, mean=info.mean, std=info.std, device=device, patience=params.train.patience,
         live_dir=live_dir, resume_path=None if live_dir is None else Path(live_dir) / "resume.pt",
-        fingerprint=fingerprint_, bn_recalibration=bn_recalibration,
+        fingerprint=fingerprint_, bn_recalibration=bn_recalibration, input_size=input_size,
     )
 
 

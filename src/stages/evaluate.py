@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from src.edgekd.augment import normalize
+from src.edgekd.augment import normalize, resize_batch
 from src.edgekd.bench import classification_metrics, make_runner, measure_speed, predict_all
 from src.edgekd.config import load_params
 from src.edgekd.data import load_info, load_split
@@ -25,7 +25,7 @@ def measure(path: Path, images, labels: np.ndarray, classes: list[str], bench) -
     meta = read_metadata(path)
     if meta.classes != classes:
         raise UserError(f"{path}: classes {meta.classes} differ from the prepared data {classes}")
-    x = normalize(images, meta.mean, meta.std).numpy()  # (N, 3, H, W) float32
+    x = normalize(resize_batch(images, meta.image_size), meta.mean, meta.std).numpy()  # (N, 3, H, W) float32
     run = make_runner(path, "onnxruntime", bench.threads)
     preds = predict_all(run, x).argmax(1)
     m = classification_metrics(labels, preds, classes)

@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from src.edgekd.augment import normalize
+from src.edgekd.augment import normalize, resize_batch
 from src.edgekd.bench import make_runner
 from src.edgekd.ckpt import load_model
 from src.edgekd.config import load_params
@@ -37,7 +37,7 @@ def main() -> None:
 
     for pt, onnx_path in args.fp32:
         model, payload = load_model(pt)
-        x = normalize(images, payload["mean"], payload["std"])  # (N, 3, H, W)
+        x = normalize(resize_batch(images, payload["image_size"]), payload["mean"], payload["std"])  # (N, 3, H, W)
         export_onnx(model, onnx_path, meta_from_checkpoint(payload, "fp32", count_params(model)), p.export.opset)
         parity = compare(model, make_runner(onnx_path), x)
         require(parity["max_abs_diff"] <= p.export.parity_atol, onnx_path,
@@ -46,7 +46,7 @@ def main() -> None:
 
     qat, payload = load_qat_model(args.qat[0])
     onnx_path, int8 = args.qat[1], convert(qat)
-    x = normalize(images, payload["mean"], payload["std"])
+    x = normalize(resize_batch(images, payload["image_size"]), payload["mean"], payload["std"])
     spec = payload["model"]
     params = count_params(build_model(spec["arch"], int(spec["num_classes"]), float(spec["width"])))
     export_onnx(int8, onnx_path, meta_from_checkpoint(payload, "int8", params), p.export.opset)

@@ -4,9 +4,11 @@ logits of the training views, as in distill), save it for export."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 
 from src.edgekd import engine
+from src.edgekd.augment import resize_batch
 from src.edgekd.ckpt import load_model, model_payload, save_checkpoint
 from src.edgekd.config import as_dict, load_params
 from src.edgekd.data import load_info, load_split
@@ -36,23 +38,27 @@ def main() -> None:
     train, val = load_split(args.data, "train"), load_split(args.data, "val")
     student, payload = load_model(args.student)
     targets = load_soft_targets(args.soft_targets, train[0], p.seed, len(info.classes))
-    model = prepare_qat(student, info.image_size)  # fake-quant; QAT always runs on CPU (FX kernels)
+    size = int(payload["image_size"])  # the student's own input side (student.image_size)
+    model = prepare_qat(student, size)  # fake-quant; QAT always runs on CPU (FX kernels)
 
     loss_fn = kd_loss_fn(p.kd.temperature, p.kd.alpha, p.train.label_smoothing)
 
     def on_epoch_start(epoch: int) -> None:
         set_qat_phase(model, epoch, p.qat.freeze_bn_epoch, p.qat.freeze_observer_epoch)
 
-    run_id = engine.fingerprint(as_dict(p.qat), as_dict(p.kd), as_dict(p.train), p.seed, targets["logits"],
+    run_id = engine.fingerprint(as_dict(p.qat), as_dict(p.kd), as_dict(p.train), p.seed, size, targets["logits"],
                                 *payload["state_dict"].values(), train[1], val[1])
     # BN statistics are frozen on schedule in QAT: no re-estimation before validation.
-    setup = engine.setup_from_params(p, info, device, p.qat.epochs, args.live, run_id, bn_recalibration=False)
+    setup = engine.setup_from_params(p, info, device, p.qat.epochs, args.live, run_id, bn_recalibration=False,
+                                     input_size=size)
     result = engine.train_model(model, loss_fn, p.qat.lr, p.train.weight_decay, train, val, setup, on_epoch_start,
                                 batches=view_batches(*train, targets, setup))
+    val = (resize_batch(val[0], size), val[1])
     int8_acc = engine.evaluate(convert(model), *val, info.mean, info.std, p.train.eval_batch_size)["acc"]
 
     spec = payload["model"]
-    save_checkpoint(args.out, model_payload(model, spec["arch"], spec["width"], info, qat=as_dict(p.qat)))
+    save_checkpoint(args.out, model_payload(model, spec["arch"], spec["width"],
+                                            dataclasses.replace(info, image_size=size), qat=as_dict(p.qat)))
     metrics = {"val_acc_fake_quant": result.best_val_acc, "val_acc_int8_torch": int8_acc,
                "val_acc_fp32_start": engine.evaluate(student, *val, info.mean, info.std)["acc"],
                "best_epoch": result.best_epoch, "train_seconds": result.train_seconds}

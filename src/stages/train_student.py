@@ -7,6 +7,7 @@ in the soft_targets stage (view e mod V in epoch e), `baseline` on freshly augme
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import time
 
@@ -45,8 +46,9 @@ def main() -> None:
                if args.mode == "distill" else None)
     kd_id = [] if targets is None else [params.kd.temperature, params.kd.alpha, targets["logits"]]
     model = build_model(cfg.arch, len(info.classes), cfg.width)
+    size = cfg.image_size or info.image_size
     run_id = fingerprint(args.mode, params.seed, as_dict(params.train), as_dict(cfg), *kd_id, *train, *val)
-    setup = setup_from_params(params, info, device, cfg.epochs, args.live, run_id)
+    setup = setup_from_params(params, info, device, cfg.epochs, args.live, run_id, input_size=size)
     if targets is None:
         loss_fn, batches = ce_loss_fn(params.train.label_smoothing), None
     else:
@@ -55,8 +57,8 @@ def main() -> None:
 
     result = train_model(model, loss_fn, cfg.lr, params.train.weight_decay, train, val, setup, batches=batches)
 
-    save_checkpoint(args.out, model_payload(model, cfg.arch, cfg.width, info, val_acc=result.best_val_acc,
-                                            mode=args.mode))
+    save_checkpoint(args.out, model_payload(model, cfg.arch, cfg.width, dataclasses.replace(info, image_size=size),
+                                            val_acc=result.best_val_acc, mode=args.mode))
     write_metrics(args.metrics, training_summary(result, model, time.perf_counter() - start))
     log.info("%s: val_acc %.4f (epoch %d), %s", args.mode, result.best_val_acc, result.best_epoch + 1, args.out)
 
