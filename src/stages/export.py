@@ -20,6 +20,11 @@ from src.edgekd.runtime import run_stage, seed_everything, select_device, write_
 log = logging.getLogger("edgekd")
 
 
+def model_input(images, payload: dict):
+    """Val images (N, 3, H, W) uint8 as the checkpoint's model sees them: its size, its normalisation."""
+    return normalize(resize_batch(images, payload["image_size"]), payload["mean"], payload["std"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", required=True, help="prepared-data folder (val split for parity)")
@@ -37,7 +42,7 @@ def main() -> None:
 
     for pt, onnx_path in args.fp32:
         model, payload = load_model(pt)
-        x = normalize(resize_batch(images, payload["image_size"]), payload["mean"], payload["std"])  # (N, 3, H, W)
+        x = model_input(images, payload)
         export_onnx(model, onnx_path, meta_from_checkpoint(payload, "fp32", count_params(model)), p.export.opset)
         parity = compare(model, make_runner(onnx_path), x)
         require(parity["max_abs_diff"] <= p.export.parity_atol, onnx_path,
@@ -46,7 +51,7 @@ def main() -> None:
 
     qat, payload = load_qat_model(args.qat[0])
     onnx_path, int8 = args.qat[1], convert(qat)
-    x = normalize(resize_batch(images, payload["image_size"]), payload["mean"], payload["std"])
+    x = model_input(images, payload)
     spec = payload["model"]
     params = count_params(build_model(spec["arch"], int(spec["num_classes"]), float(spec["width"])))
     export_onnx(int8, onnx_path, meta_from_checkpoint(payload, "int8", params), p.export.opset)

@@ -39,6 +39,7 @@ def main() -> None:
     student, payload = load_model(args.student)
     targets = load_soft_targets(args.soft_targets, train[0], p.seed, len(info.classes))
     size = int(payload["image_size"])  # the student's own input side (student.image_size)
+    val = (resize_batch(val[0], size), val[1])  # once, for fit and the evaluations after it
     model = prepare_qat(student, size)  # fake-quant; QAT always runs on CPU (FX kernels)
 
     loss_fn = kd_loss_fn(p.kd.temperature, p.kd.alpha, p.train.label_smoothing)
@@ -53,7 +54,6 @@ def main() -> None:
                                      input_size=size)
     result = engine.train_model(model, loss_fn, p.qat.lr, p.train.weight_decay, train, val, setup, on_epoch_start,
                                 batches=view_batches(*train, targets, setup))
-    val = (resize_batch(val[0], size), val[1])
     int8_acc = engine.evaluate(convert(model), *val, info.mean, info.std, p.train.eval_batch_size)["acc"]
 
     spec = payload["model"]
