@@ -1,0 +1,128 @@
+"""How much the student's val accuracy depends on the seed alone: the noise floor of every val comparison.
+
+Trains the baseline student (the `baseline` stage's recipe: CE, same schedule, augmentation and epoch
+selection on val) once per seed on a freshly prepared split (the split itself uses params' `seed`, so
+every run sees the same images), and reports val accuracy of the selected epoch, of the last epoch,
+and of the selected model averaged over the 8 flips/quarter turns of each image (test-time
+augmentation, which the deployed models do not do). Val only: the test split is never loaded.
+Usage: python -m benchmarks.student_seeds --root ../shared/datasets/rice-image --seeds 42 1 2 3 4
+       [--config benchmarks/rice.yaml] [--out reports/student_seeds.json]  (also writes the .md)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from torch import Tensor, nn
+
+from src.benchmark import machine_info
+from src.edgekd.augment import resize_batch
+from src.edgekd.config import as_dict, params_from_dict
+from src.edgekd.data import load_info, load_split, prepare_dataset
+from src.edgekd.engine import predict_logits, setup_from_params, train_model
+from src.edgekd.losses import ce_loss_fn
+from src.edgekd.models import build_model
+from src.edgekd.runtime import seed_everything, select_device
+
+
+def dihedral_mean(model: nn.Module):
+    """Logits callable: mean softmax over the 8 flips/rot90s, label-preserving for grains seen from above."""
+
+    def predict(x: Tensor) -> Tensor:
+        views = [torch.rot90(v, k, dims=(-2, -1)) for v in (x, x.flip(-1)) for k in range(4)]
+        return torch.stack([model(v).softmax(1) for v in views]).mean(0)
+
+    return predict
+
+
+def with_overrides(params_path: Path, config: Path | None, root: Path) -> dict:
+    """params.yaml with the benchmark config's overrides (as `make bench` applies them) and data.root."""
+    raw = yaml.safe_load(params_path.read_text())
+    overrides = yaml.safe_load(config.read_text())["overrides"] if config else {}
+    for section, values in overrides.items():
+        raw[section] = {**raw[section], **values} if isinstance(values, dict) else values
+    raw["data"] = {**raw["data"], "root": str(root)}
+    return raw
+
+
+def run_seed(raw: dict, seed: int, data: Path, device: torch.device) -> dict:
+    params = params_from_dict({**copy.deepcopy(raw), "seed": seed})
+    seed_everything(seed)
+    info, train, val = load_info(data), load_split(data, "train"), load_split(data, "val")
+    cfg = params.student
+    model = build_model(cfg.arch, len(info.classes), cfg.width)
+    setup = setup_from_params(params, info, device, cfg.epochs, None, "", input_size=cfg.image_size)
+    start = time.perf_counter()
+    result = train_model(model, ce_loss_fn(params.train.label_smoothing), cfg.lr,
+                         params.train.weight_decay, train, val, setup)
+    model.eval()
+    tta = predict_logits(dihedral_mean(model), resize_batch(val[0], cfg.image_size), info.mean, info.std,
+                         setup.eval_batch_size, device)
+    return {"seed": seed, "best_epoch": result.best_epoch + 1, "val_acc": round(result.best_val_acc, 4),
+            "last_epoch_val_acc": round(result.history[-1]["val_acc"], 4),
+            "tta8_val_acc": round((tta.argmax(1) == val[1]).float().mean().item(), 4),
+            "val_images": len(val[1]), "train_s": round(time.perf_counter() - start)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, required=True, help="ImageFolder tree (data.root)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2, 3, 4])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--config", type=Path, default=Path("benchmarks/rice.yaml"),
+                        help="benchmark config whose `overrides` apply on top of --params")
+    parser.add_argument("--out", type=Path, default=Path("reports/student_seeds.json"))
+    args = parser.parse_args()
+    raw = with_overrides(args.params, args.config, args.root)
+    params = params_from_dict(raw)
+    device = select_device(params.train.device, params.train.threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        prepare_dataset(params.data.root, tmp, params.data, params.seed)
+        for seed in args.seeds:
+            rows.append(run_seed(raw, seed, Path(tmp), device))
+            print(json.dumps(rows[-1]), flush=True)
+    summary = {key: {"mean": round(statistics.mean(r[key] for r in rows), 4),
+                     "min": min(r[key] for r in rows), "max": max(r[key] for r in rows)}
+               for key in ("val_acc", "last_epoch_val_acc", "tta8_val_acc")}
+    report = {"command": command(args), "machine": machine_info(), "student": as_dict(params.student), "rows": rows,
+              "summary": summary}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(report))
+
+
+def command(args: argparse.Namespace) -> str:
+    return (f"python -m benchmarks.student_seeds --root {args.root} --seeds {' '.join(map(str, args.seeds))} "
+            f"--params {args.params} --config {args.config} --out {args.out}")
+
+
+def markdown(report: dict) -> str:
+    s, m = report["student"], report["machine"]
+    lines = ["# Seed-to-seed spread of the student's val accuracy", "",
+             f"Made by `{report['command']}` on {m['cpu']}, {m['cores']} cores, torch {m['versions']['torch']}. "
+             f"Student: {s['arch']} w{s['width']}, {s['epochs']} epochs, lr {s['lr']}, cross-entropy "
+             "(the `baseline` stage's recipe); the data split is the same in every run, only the seed "
+             "of initialisation, shuffling and augmentation changes. Val split only.", "",
+             "| seed | selected epoch | val acc % | last-epoch val acc % | selected model, 8-view TTA val acc % | train s |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['seed']} | {r['best_epoch']} | {100 * r['val_acc']:.2f} | "
+                     f"{100 * r['last_epoch_val_acc']:.2f} | {100 * r['tta8_val_acc']:.2f} | {r['train_s']} |")
+    for key, label in (("val_acc", "val acc"), ("last_epoch_val_acc", "last-epoch val acc"),
+                       ("tta8_val_acc", "8-view TTA val acc")):
+        v = report["summary"][key]
+        lines.append(f"\n{label}: mean {100 * v['mean']:.2f} %, range {100 * v['min']:.2f}-{100 * v['max']:.2f} %")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
