@@ -12,6 +12,7 @@ import torch
 from src.edgekd.augment import normalize
 from src.edgekd.bench import make_runner
 from src.edgekd.data import load_info, load_split
+from src.edgekd.engine import FitSetup, recalibrate_bn
 from src.edgekd.errors import UserError
 from src.edgekd.export import ModelMeta, compare, conv_kernels, export_onnx, read_metadata
 from src.edgekd.images import RESIZE_METHOD
@@ -35,9 +36,21 @@ def meta(prepared_small):
 
 
 @pytest.fixture(scope="module")
-def fp32(meta):
+def fp32(meta, prepared_small):
+    """Briefly trained on the real training images: a random-init net's logits are all but constant,
+    and top-1 agreement between near-ties would measure nothing."""
     torch.manual_seed(0)
-    return build_model(ARCH, len(meta.classes), 0.25).eval()
+    model = build_model(ARCH, len(meta.classes), 0.25)
+    images, labels = load_split(prepared_small, "train")
+    x = normalize(images, meta.mean, meta.std)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(30):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), labels).backward()
+        optimizer.step()
+    recalibrate_bn(model, images, FitSetup(epochs=1, batch_size=16, eval_batch_size=64, seed=0,
+                                           mean=meta.mean, std=meta.std))
+    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +102,7 @@ def test_every_int8_conv_runs_as_integer_kernel(exported):
 
 
 def test_int8_mirrors_runtime_scheme(exported):
-    """U8 activations and S8 per-channel symmetric weights: what ORT runs fastest and QAT simulates."""
+    """U8 activations and 7-bit S8 per-channel symmetric weights: what ORT runs fastest and QAT simulates."""
     graph = onnx.load(str(exported["int8"])).graph
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
     dq_weights = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
@@ -99,12 +112,21 @@ def test_int8_mirrors_runtime_scheme(exported):
                for n in dq_weights)  # zero point 0, one scale per output channel
     quantize = [n for n in graph.node if n.op_type == "QuantizeLinear"]
     assert quantize and all(inits[n.input[2]].dtype == np.uint8 for n in quantize)
+    # 7-bit weights: a pair of uint8 x int8 products never saturates int16 (AVX2 without VNNI)
+    largest = max(int(np.abs(inits[n.input[0]].astype(np.int32)).max()) for n in dq_weights)
+    assert 2 * 255 * largest <= np.iinfo(np.int16).max, largest
 
 
-def test_int8_onnx_matches_fake_quant_on_real_images(exported, val_x):
-    report = compare(exported["qat"], make_runner(exported["int8"]), val_x)
+def test_int8_onnx_matches_fake_quant_on_real_images(exported, prepared_small, meta):
+    """On an AVX2 CPU without VNNI, 8-bit weights (int16 saturation in onnxruntime) agreed on 0.83
+    of these images; the 7-bit weights agree on all of them."""
+    x = normalize(torch.cat([load_split(prepared_small, s)[0] for s in ("train", "val")]), meta.mean, meta.std)
+    with torch.no_grad():
+        logits = exported["qat"](x)
+    assert (logits.argmax(1) != logits.argmax(1)[0]).any()  # not one class for everything
+    report = compare(exported["qat"], make_runner(exported["int8"]), x)
     assert report["top1_agreement"] >= 0.95
-    assert report["max_abs_diff"] < 0.1
+    assert report["max_abs_diff"] <= 0.15 * float(logits.max() - logits.min())
 
 
 def test_openvino_runs_the_same_int8_file(exported, val_x):
