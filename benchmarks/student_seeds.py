@@ -5,8 +5,12 @@ selection on val) once per seed on a freshly prepared split (the split itself us
 every run sees the same images), and reports val accuracy of the selected epoch, of the last epoch,
 and of the selected model averaged over the 8 flips/quarter turns of each image (test-time
 augmentation, which the deployed models do not do). Val only: the test split is never loaded.
+With --soft-targets (a `soft_targets` stage output for the same data and params) it trains the
+`distill` stage's recipe instead (CE + KD, kd.* from params or --alpha): the teachers' views and
+logits stay those of the file, the seed changes the student's initialisation and batch order.
 Usage: python -m benchmarks.student_seeds --root ../shared/datasets/rice-image --seeds 42 1 2 3 4
-       [--config benchmarks/rice.yaml] [--out reports/student_seeds.json]  (also writes the .md)
+       [--config benchmarks/rice.yaml] [--soft-targets models/soft_targets.pt [--alpha A]]
+       [--out reports/student_seeds.json]  (also writes the .md)
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ from src.edgekd.augment import resize_batch
 from src.edgekd.config import as_dict, params_from_dict
 from src.edgekd.data import load_info, load_split, prepare_dataset
 from src.edgekd.engine import predict_logits, setup_from_params, train_model
-from src.edgekd.losses import ce_loss_fn
+from src.edgekd.losses import ce_loss_fn, kd_loss_fn
 from src.edgekd.models import build_model
 from src.edgekd.runtime import seed_everything, select_device
+from src.edgekd.soft_targets import load_soft_targets, view_batches
 
 
 def dihedral_mean(model: nn.Module):
@@ -53,16 +58,25 @@ def with_overrides(params_path: Path, config: Path | None, root: Path) -> dict:
     return raw
 
 
-def run_seed(raw: dict, seed: int, data: Path, device: torch.device) -> dict:
+def recipe(params, distilled: bool) -> str:
+    return f"CE + KD (alpha {params.kd.alpha}, T {params.kd.temperature})" if distilled else "CE"
+
+
+def run_seed(raw: dict, seed: int, data: Path, device: torch.device, soft_targets: Path | None = None) -> dict:
     params = params_from_dict({**copy.deepcopy(raw), "seed": seed})
     seed_everything(seed)
     info, train, val = load_info(data), load_split(data, "train"), load_split(data, "val")
     cfg = params.student
     model = build_model(cfg.arch, len(info.classes), cfg.width)
     setup = setup_from_params(params, info, device, cfg.epochs, None, "", input_size=cfg.image_size)
+    if soft_targets is None:
+        loss_fn, batches = ce_loss_fn(params.train.label_smoothing), None
+    else:  # the views were rendered with the params' seed, not this run's
+        targets = load_soft_targets(soft_targets, train[0], raw["seed"], len(info.classes))
+        loss_fn = kd_loss_fn(params.kd.temperature, params.kd.alpha, params.train.label_smoothing)
+        batches = view_batches(*train, targets, setup)
     start = time.perf_counter()
-    result = train_model(model, ce_loss_fn(params.train.label_smoothing), cfg.lr,
-                         params.train.weight_decay, train, val, setup)
+    result = train_model(model, loss_fn, cfg.lr, params.train.weight_decay, train, val, setup, batches=batches)
     model.eval()
     tta = predict_logits(dihedral_mean(model), resize_batch(val[0], cfg.image_size), info.mean, info.std,
                          setup.eval_batch_size, device)
@@ -79,39 +93,46 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--config", type=Path, default=Path("benchmarks/rice.yaml"),
                         help="benchmark config whose `overrides` apply on top of --params")
+    parser.add_argument("--soft-targets", type=Path, help="train the distill recipe on these teacher logits")
+    parser.add_argument("--alpha", type=float, help="kd.alpha for --soft-targets (default: params)")
     parser.add_argument("--out", type=Path, default=Path("reports/student_seeds.json"))
     args = parser.parse_args()
     raw = with_overrides(args.params, args.config, args.root)
+    if args.alpha is not None:
+        raw["kd"] = {**raw["kd"], "alpha": args.alpha}
     params = params_from_dict(raw)
     device = select_device(params.train.device, params.train.threads)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         prepare_dataset(params.data.root, tmp, params.data, params.seed)
         for seed in args.seeds:
-            rows.append(run_seed(raw, seed, Path(tmp), device))
+            rows.append(run_seed(raw, seed, Path(tmp), device, args.soft_targets))
             print(json.dumps(rows[-1]), flush=True)
     summary = {key: {"mean": round(statistics.mean(r[key] for r in rows), 4),
                      "min": min(r[key] for r in rows), "max": max(r[key] for r in rows)}
                for key in ("val_acc", "last_epoch_val_acc", "tta8_val_acc")}
-    report = {"command": command(args), "machine": machine_info(), "student": as_dict(params.student), "rows": rows,
-              "summary": summary}
+    report = {"command": command(args), "machine": machine_info(), "student": as_dict(params.student),
+              "recipe": recipe(params, args.soft_targets is not None), "rows": rows, "summary": summary}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(markdown(report))
 
 
 def command(args: argparse.Namespace) -> str:
+    kd = "" if args.soft_targets is None else f" --soft-targets {args.soft_targets}" + (
+        "" if args.alpha is None else f" --alpha {args.alpha}")
     return (f"python -m benchmarks.student_seeds --root {args.root} --seeds {' '.join(map(str, args.seeds))} "
-            f"--params {args.params} --config {args.config} --out {args.out}")
+            f"--params {args.params} --config {args.config}{kd} --out {args.out}")
 
 
 def markdown(report: dict) -> str:
     s, m = report["student"], report["machine"]
     lines = ["# Seed-to-seed spread of the student's val accuracy", "",
              f"Made by `{report['command']}` on {m['cpu']}, {m['cores']} cores, torch {m['versions']['torch']}. "
-             f"Student: {s['arch']} w{s['width']}, {s['epochs']} epochs, lr {s['lr']}, cross-entropy "
-             "(the `baseline` stage's recipe); the data split is the same in every run, only the seed "
-             "of initialisation, shuffling and augmentation changes. Val split only.", "",
+             f"Student: {s['arch']} w{s['width']}, {s['epochs']} epochs, lr {s['lr']}, {report['recipe']} "
+             f"(the `{'baseline' if report['recipe'] == 'CE' else 'distill'}` stage's recipe); the data split "
+             "is the same in every run, only the seed of initialisation, shuffling and (CE) augmentation "
+             "changes. Val split only.", "",
              "| seed | selected epoch | val acc % | last-epoch val acc % | selected model, 8-view TTA val acc % | train s |",
              "|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:

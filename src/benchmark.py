@@ -17,6 +17,7 @@ import os
 import platform
 import shutil
 import subprocess
+import time
 from importlib.metadata import version
 from pathlib import Path
 
@@ -29,12 +30,21 @@ from src.edgekd.report import plot_tradeoff, render_markdown
 from src.edgekd.runtime import run_stage
 
 
+# The CPU features that decide whether INT8 convs beat FP32 ones (VNNI) and which kernels run.
+SIMD_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimd", "asimddp")
+
+
 def machine_info() -> dict:
     cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in
-             (cpuinfo.read_text().splitlines() if cpuinfo.exists() else []) if line.startswith("model name")]
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+
+    def first(field: str) -> str:
+        return next((line.split(":", 1)[1].strip() for line in lines if line.split(":")[0].strip() == field), "")
+
+    flags = set((first("flags") or first("Features")).split())
     packages = ["torch", "torchvision", "onnxruntime", "openvino", "onnx", "dvc"]
-    return {"cpu": names[0] if names else platform.processor() or platform.machine(),
+    return {"cpu": first("model name") or platform.processor() or platform.machine(),
+            "simd": [f for f in SIMD_FLAGS if f in flags],
             "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
             "versions": {p: version(p) for p in packages}}
 
@@ -54,6 +64,7 @@ def main() -> None:
     if args.render_only:
         write_report(json.loads((out / "benchmark.json").read_text()), out)
         return
+    start = time.perf_counter()
     repo = Path.cwd()
     cfg = yaml.safe_load(Path(args.config).read_text())
     command = f"make bench  (python -m src.benchmark --config {args.config} --out {args.out})"
@@ -93,6 +104,7 @@ def main() -> None:
         "variants": variants,
         "pipeline": pipeline,
         "notes": comparison.NOTES,
+        "bench_wall_s": round(time.perf_counter() - start),
     }
     write_report(results, out)
 

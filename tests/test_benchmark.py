@@ -6,6 +6,7 @@ from pathlib import Path
 
 import yaml
 
+from src.benchmark import SIMD_FLAGS
 from src.edgekd.config import StudentConfig
 from src.edgekd.experiments import overrides_to_args, parse_stage_log
 from src.edgekd.report import MAIN_COLUMNS, VARIANT_COLUMNS, format_value, markdown_table
@@ -91,9 +92,13 @@ def test_benchmark_on_tiny_run_writes_report_and_restores_main_run(tiny_repo: Pa
         incremental["skipped"])
     assert 0 < incremental["ratio"] < 1
     assert all(isinstance(g["met"], bool) for g in results["goals"])
+    wall = next(g for g in results["goals"] if g["goal"].startswith("whole benchmark"))
+    assert wall["measured"] == f"{results['bench_wall_s'] / 60:.1f} min" and wall["met"]  # a tiny run: minutes
 
     markdown = (tiny_repo / "reports/benchmark.md").read_text()
     assert markdown.startswith("# Benchmark") and "Command: `make bench" in markdown
+    assert set(results["machine"]["simd"]) <= set(SIMD_FLAGS)
+    assert re.search(r"Machine: .*, \d+ cores \(.*(with|no) VNNI\)", markdown)
     main_table = table_after(markdown, "## Main table")
     assert len(main_table) == 9 and all(len(r) == len(MAIN_COLUMNS) for r in main_table)
     variant_table = table_after(markdown, "## Student variants")

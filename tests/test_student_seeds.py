@@ -9,6 +9,8 @@ import yaml
 from torch import nn
 
 from benchmarks.student_seeds import dihedral_mean, run_seed, with_overrides
+from src.edgekd.data import load_info, load_split
+from src.edgekd.soft_targets import compute_soft_targets, save_soft_targets
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,3 +50,25 @@ def test_one_seed_trains_the_baseline_student_on_real_images_reproducibly(prepar
     for key in ("val_acc", "last_epoch_val_acc", "tta8_val_acc"):
         assert 0.0 <= row[key] <= 1.0
     assert row["val_acc"] >= row["last_epoch_val_acc"]  # the selected epoch is the best on val
+
+
+def test_one_seed_distils_from_stored_soft_targets_with_the_given_alpha(prepared_small, tmp_path):
+    """The KD recipe trains on the file's views (rendered with the params' seed) for any student seed."""
+    info, (images, labels) = load_info(prepared_small), load_split(prepared_small, "train")
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, len(info.classes))).eval()
+    raw = with_overrides(REPO / "params.yaml", None, Path("unused"))
+    raw["student"] = {**raw["student"], "epochs": 2}
+    targets = tmp_path / "soft_targets.pt"
+    save_soft_targets(targets, compute_soft_targets([teacher], images, labels, views=2, seed=raw["seed"],
+                                                    mean=info.mean, std=info.std, batch_size=64,
+                                                    device=torch.device("cpu")))
+
+    def distil(alpha: float) -> dict:
+        return run_seed({**raw, "kd": {**raw["kd"], "alpha": alpha}}, 5, prepared_small, torch.device("cpu"), targets)
+
+    first, again, ce_only = distil(0.7), distil(0.7), distil(0.0)
+    assert first == {**again, "train_s": first["train_s"]}
+    assert first["seed"] == 5 and 0.0 <= first["val_acc"] <= 1.0
+    # alpha weighs the (untrained) teacher's logits: without them the run ends elsewhere
+    assert ce_only != {**first, "train_s": ce_only["train_s"]}

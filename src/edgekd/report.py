@@ -75,6 +75,14 @@ def goal_rows(goals: Sequence[dict]) -> list[dict]:
             for g in goals]
 
 
+def simd_text(machine: dict) -> str:
+    """INT8-vs-FP32 latency depends on VNNI: say which of the relevant CPU features this machine has."""
+    if "simd" not in machine:  # reports written before the field existed
+        return ""
+    has_vnni = any("vnni" in f for f in machine["simd"])
+    return f" ({', '.join(machine['simd']) or 'no AVX2 or NEON'}; {'with' if has_vnni else 'no'} VNNI)"
+
+
 def render_markdown(results: dict) -> str:
     machine = results["machine"]
     parts = [
@@ -82,7 +90,7 @@ def render_markdown(results: dict) -> str:
         "",
         f"Command: `{results['command']}`  ",
         f"Date: {results['date']}  ",
-        f"Machine: {machine['cpu']}, {machine['cores']} cores; " + ", ".join(
+        f"Machine: {machine['cpu']}, {machine['cores']} cores{simd_text(machine)}; " + ", ".join(
             f"{k} {v}" for k, v in machine["versions"].items()),
         f"Data: `{results['data_root']}`, test split of {results['test_images']} images "
         "(never used for training or model selection).",
