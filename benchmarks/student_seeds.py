@@ -29,13 +29,12 @@ from torch import Tensor, nn
 
 from src.benchmark import machine_info
 from src.edgekd.augment import resize_batch
-from src.edgekd.config import as_dict, params_from_dict
+from src.edgekd.config import Params, as_dict, params_from_dict
 from src.edgekd.data import load_info, load_split, prepare_dataset
 from src.edgekd.engine import predict_logits, setup_from_params, train_model
-from src.edgekd.losses import ce_loss_fn, kd_loss_fn
 from src.edgekd.models import build_model
 from src.edgekd.runtime import seed_everything, select_device
-from src.edgekd.soft_targets import load_soft_targets, view_batches
+from src.edgekd.soft_targets import load_soft_targets, student_objective
 
 
 def dihedral_mean(model: nn.Module):
@@ -58,7 +57,7 @@ def with_overrides(params_path: Path, config: Path | None, root: Path) -> dict:
     return raw
 
 
-def recipe(params, distilled: bool) -> str:
+def recipe(params: Params, distilled: bool) -> str:
     return f"CE + KD (alpha {params.kd.alpha}, T {params.kd.temperature})" if distilled else "CE"
 
 
@@ -69,12 +68,10 @@ def run_seed(raw: dict, seed: int, data: Path, device: torch.device, soft_target
     cfg = params.student
     model = build_model(cfg.arch, len(info.classes), cfg.width)
     setup = setup_from_params(params, info, device, cfg.epochs, None, "", input_size=cfg.image_size)
-    if soft_targets is None:
-        loss_fn, batches = ce_loss_fn(params.train.label_smoothing), None
-    else:  # the views were rendered with the params' seed, not this run's
-        targets = load_soft_targets(soft_targets, train[0], raw["seed"], len(info.classes))
-        loss_fn = kd_loss_fn(params.kd.temperature, params.kd.alpha, params.train.label_smoothing)
-        batches = view_batches(*train, targets, setup)
+    # the views were rendered with the params' seed, not this run's
+    targets = None if soft_targets is None else load_soft_targets(soft_targets, train[0], raw["seed"],
+                                                                   len(info.classes))
+    loss_fn, batches = student_objective(params, train, setup, targets)
     start = time.perf_counter()
     result = train_model(model, loss_fn, cfg.lr, params.train.weight_decay, train, val, setup, batches=batches)
     model.eval()

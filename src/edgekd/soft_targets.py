@@ -24,9 +24,10 @@ from tqdm import tqdm
 
 from .augment import augment_batch
 from .ckpt import load_checkpoint, save_checkpoint
-from .engine import Batch, FitSetup, iterate_batches, predict_logits
+from .engine import Batch, FitSetup, LossFn, iterate_batches, predict_logits
 from .errors import UserError
-from .losses import ensemble_logits
+from .config import Params
+from .losses import ce_loss_fn, ensemble_logits, kd_loss_fn
 
 RENDER_CHUNK = 256  # images augmented per generator call; part of a view's definition
 
@@ -87,3 +88,13 @@ def view_batches(images: Tensor, labels: Tensor, targets: dict,
         yield from iterate_batches(pixels, labels, setup, generator, augment=False, teacher_logits=logits[view])
 
     return batches
+
+
+def student_objective(params: Params, train: tuple[Tensor, Tensor], setup: FitSetup,
+                      targets: dict | None) -> tuple[LossFn, Callable[[int, torch.Generator], Iterator[Batch]] | None]:
+    """Loss and batch source of a student run: CE on fresh augmentations when there are no targets
+    (`baseline`), CE + KD on the targets' views otherwise (`distill`); None means fit's own batches."""
+    if targets is None:
+        return ce_loss_fn(params.train.label_smoothing), None
+    return (kd_loss_fn(params.kd.temperature, params.kd.alpha, params.train.label_smoothing),
+            view_batches(*train, targets, setup))

@@ -16,10 +16,9 @@ from src.edgekd.config import as_dict, load_params
 from src.edgekd.data import load_info, load_split
 from src.edgekd.engine import fingerprint, setup_from_params, train_model, training_summary
 from src.edgekd.errors import UserError
-from src.edgekd.losses import ce_loss_fn, kd_loss_fn
 from src.edgekd.models import build_model
 from src.edgekd.runtime import run_stage, seed_everything, select_device, write_metrics
-from src.edgekd.soft_targets import load_soft_targets, view_batches
+from src.edgekd.soft_targets import load_soft_targets, student_objective
 
 log = logging.getLogger("edgekd")
 
@@ -49,11 +48,7 @@ def main() -> None:
     size = cfg.image_size or info.image_size
     run_id = fingerprint(args.mode, params.seed, as_dict(params.train), as_dict(cfg), *kd_id, *train, *val)
     setup = setup_from_params(params, info, device, cfg.epochs, args.live, run_id, input_size=size)
-    if targets is None:
-        loss_fn, batches = ce_loss_fn(params.train.label_smoothing), None
-    else:
-        loss_fn = kd_loss_fn(params.kd.temperature, params.kd.alpha, params.train.label_smoothing)
-        batches = view_batches(*train, targets, setup)
+    loss_fn, batches = student_objective(params, train, setup, targets)
 
     result = train_model(model, loss_fn, cfg.lr, params.train.weight_decay, train, val, setup, batches=batches)
 
