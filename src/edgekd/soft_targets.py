@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -24,9 +24,9 @@ from tqdm import tqdm
 
 from .augment import augment_batch
 from .ckpt import load_checkpoint, save_checkpoint
-from .engine import Batch, FitSetup, LossFn, iterate_batches, predict_logits
-from .errors import UserError
 from .config import Params
+from .engine import Batch, BatchSource, FitSetup, LossFn, iterate_batches, predict_logits
+from .errors import UserError
 from .losses import ce_loss_fn, ensemble_logits, kd_loss_fn
 
 RENDER_CHUNK = 256  # images augmented per generator call; part of a view's definition
@@ -75,7 +75,7 @@ def load_soft_targets(path: str | Path, images: Tensor, seed: int, num_classes: 
 
 
 def view_batches(images: Tensor, labels: Tensor, targets: dict,
-                 setup: FitSetup) -> Callable[[int, torch.Generator], Iterator[Batch]]:
+                 setup: FitSetup) -> BatchSource:
     """`fit`'s batch source for distillation: epoch e trains on view e mod V with its teacher logits."""
     logits, hashes = targets["logits"], targets["view_hashes"]
 
@@ -91,7 +91,7 @@ def view_batches(images: Tensor, labels: Tensor, targets: dict,
 
 
 def student_objective(params: Params, train: tuple[Tensor, Tensor], setup: FitSetup,
-                      targets: dict | None) -> tuple[LossFn, Callable[[int, torch.Generator], Iterator[Batch]] | None]:
+                      targets: dict | None) -> tuple[LossFn, BatchSource | None]:
     """Loss and batch source of a student run: CE on fresh augmentations when there are no targets
     (`baseline`), CE + KD on the targets' views otherwise (`distill`); None means fit's own batches."""
     if targets is None:
