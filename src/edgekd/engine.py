@@ -100,12 +100,12 @@ def iterate_batches(images: Tensor, labels: Tensor, setup: FitSetup, generator: 
     batch = min(setup.batch_size, len(images))
     for step in range(steps_per_epoch(len(images), setup.batch_size)):
         idx = order[step * batch:(step + 1) * batch]
-        x = images[idx]
+        x = images[idx].to(setup.device)  # uint8 crosses to the GPU: 4x less to copy, augmented there
         if augment:
             x = augment_batch(x, generator)
         x = resize_batch(x, setup.input_size)
         soft = None if teacher_logits is None else teacher_logits[idx].to(setup.device)
-        yield Batch(normalize(x.to(setup.device), setup.mean, setup.std), labels[idx].to(setup.device), soft)
+        yield Batch(normalize(x, setup.mean, setup.std), labels[idx].to(setup.device), soft)
 
 
 def train_one_epoch(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, scheduler: Any,

@@ -6,6 +6,8 @@ import argparse
 import logging
 import time
 
+import torch
+
 from src.edgekd.ckpt import model_payload, save_checkpoint
 from src.edgekd.config import as_dict, load_params
 from src.edgekd.data import load_info, load_split
@@ -36,6 +38,7 @@ def main() -> None:
     info, train, val = load_info(args.data), load_split(args.data, "train"), load_split(args.data, "val")
     cfg = params.teachers
     model = build_model(args.arch, len(info.classes), weights=cfg.weights.get(args.arch))
+    model.to(memory_format=torch.channels_last)  # oneDNN's faster layout: 7-20 % less time per step on CPU
     run_id = fingerprint(args.arch, params.seed, as_dict(params.train), as_dict(cfg), *train, *val)
     setup = setup_from_params(params, info, device, cfg.epochs, args.live, run_id)
 
