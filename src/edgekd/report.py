@@ -141,7 +141,7 @@ def plot_tradeoff(variants: Sequence[dict], path: Path) -> None:
     ax.set_ylabel("test accuracy, %")
     ax.set_title("Student variants: accuracy vs latency (marker area ~ file size)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
+    # below the axes: inside, it hides whichever points fall in its corner
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, markerscale=0.5)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
