@@ -21,7 +21,6 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 CROP_SCALE = (0.8, 1.0)  # area fraction kept by the random resized crop
-CROP_RATIO = (1.0, 1.0)  # square crops: a grain's length/width ratio is what tells varieties apart
 MAX_ROTATE_DEG = 15.0  # small free rotation on top of the 90-degree ones
 MAX_TRANSLATE = 0.06  # fraction of the side
 SCALE_RANGE = (0.9, 1.1)
@@ -36,7 +35,7 @@ def augment_batch(images: Tensor, generator: torch.Generator) -> Tensor:
     """
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != images.shape[-2]:
         raise ValueError(f"expected square uint8 (B, 3, H, W) images, got {images.dtype} {tuple(images.shape)}")
-    theta = _sampling_matrices(len(images), images.shape[-1], generator).to(images.device)
+    theta = _sampling_matrices(len(images), generator).to(images.device)
     x = images.float()
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # black background
@@ -64,14 +63,15 @@ def _uniform(g: torch.Generator, *shape_and_range: float) -> Tensor:
     return low + (high - low) * torch.rand(*shape, generator=g)
 
 
-def _sampling_matrices(b: int, size: int, g: torch.Generator) -> Tensor:
+def _sampling_matrices(b: int, g: torch.Generator) -> Tensor:
     """(B, 2, 3) maps from output to input coordinates (normalised, as `affine_grid` takes them).
 
     Composes, per sample, what separate torchvision calls would do (flip/rot90, a square crop with
-    area in CROP_SCALE resized back to `size`, then rotation, scale and translation about the centre)
+    area in CROP_SCALE resized back to full size, then rotation, scale and translation about the centre)
     into one resampling: one interpolation instead of three, and one call for the whole batch.
     """
-    # Crop: side k * size (k = sqrt of the area fraction), centred at c, uniform inside the frame.
+    # Square crop (a grain's length/width ratio is what tells varieties apart): side k of the frame
+    # (k = sqrt of the area fraction), centred uniformly inside the frame.
     k = _uniform(g, b, *CROP_SCALE).sqrt()
     centre = (1 - k).unsqueeze(1) * (2 * torch.rand(b, 2, generator=g) - 1)  # (x, y), normalised
     # Affine about the centre: output = s R(angle) input + t; sampling needs its inverse.
@@ -85,12 +85,12 @@ def _sampling_matrices(b: int, size: int, g: torch.Generator) -> Tensor:
     # Flips and quarter turns of the source: every one is label-preserving for grains seen from above.
     flips = torch.where(torch.rand(b, 2, generator=g) < 0.5, -1.0, 1.0)
     quarter_turns = torch.randint(0, 4, (b,), generator=g)
-    turn = torch.stack([_ROT90[t] for t in quarter_turns.tolist()]) * flips.unsqueeze(-1)
+    turn = _ROT90[quarter_turns] * flips.unsqueeze(-1)
     return turn @ torch.cat([linear, offset.unsqueeze(-1)], dim=-1)
 
 
-_ROT90 = [torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.0, -1.0], [1.0, 0.0]]),
-          torch.tensor([[-1.0, 0.0], [0.0, -1.0]]), torch.tensor([[0.0, 1.0], [-1.0, 0.0]])]
+_ROT90 = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.0, -1.0], [1.0, 0.0]],
+                       [[-1.0, 0.0], [0.0, -1.0]], [[0.0, 1.0], [-1.0, 0.0]]])  # (4, 2, 2): k quarter turns
 
 
 def _colour_jitter(x: Tensor, factors: Tensor) -> Tensor:
