@@ -98,7 +98,7 @@ class StudentConfig:
     arch: str = "mobilenet_v3_small_fused"  # integer-fast ops: INT8 faster than FP32 in onnxruntime
     width: float = 0.25  # MobileNetV3 width multiplier
     epochs: int = 20
-    lr: float = 0.01
+    lr: float = 0.005
     # Input side in px; None = data.image_size. Smaller sides trade accuracy for latency without
     # retraining the teachers: the student sees the teachers' views downscaled.
     image_size: int | None = None
@@ -127,10 +127,10 @@ class KDConfig:
 
 @dataclass(frozen=True)
 class QATConfig:
-    epochs: int = 3
+    epochs: int = 10
     lr: float = 0.0005
-    freeze_bn_epoch: int = 1  # from this epoch on, BN running statistics stay fixed
-    freeze_observer_epoch: int = 2  # from this epoch on, quantization ranges stay fixed
+    freeze_bn_epoch: int = 6  # from this epoch on, BN running statistics stay fixed
+    freeze_observer_epoch: int = 8  # from this epoch on, quantization ranges stay fixed
 
     def check(self) -> None:
         _require(self.epochs >= 1, "qat.epochs", self.epochs, ">= 1")
