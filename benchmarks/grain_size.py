@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from src.edgekd.config import DataConfig
 from src.edgekd.data import scan_tree
 from src.edgekd.images import load_rgb
 
@@ -38,7 +39,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("reports/grain_size.json"))
     args = parser.parse_args()
     scan = scan_tree(args.root)
-    rows = [(label, *grain_shape(load_rgb(path, 40_000_000), args.threshold)) for path, label in scan.files]
+    rows = [(label, *grain_shape(load_rgb(path, DataConfig.max_image_pixels), args.threshold))
+            for path, label in scan.files]
     frame = pd.DataFrame(rows, columns=["variety", "area", "elongation"])
     table = frame.groupby("variety").agg(images=("area", "size"), area_mean=("area", "mean"),
                                          area_std=("area", "std"), elongation_mean=("elongation", "mean"),
