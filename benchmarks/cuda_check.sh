@@ -3,13 +3,19 @@
 # Usage: bash benchmarks/cuda_check.sh [STAGE] [KEY=VALUE ...]
 #   STAGE: dvc stage to reproduce up to (default: evaluate); KEY=VALUE: params overrides, e.g.
 #   data.root=/abs/path/rice-image teachers.epochs=14. Prints each training stage's wall time, throughput
-#   and val accuracy; the dvc repro log goes to $LOG (default /tmp/cuda_check.log).
+#   and val accuracy; the dvc repro log goes to $LOG (default /tmp/cuda_check.log), and the run's
+#   metrics/*.json to $METRICS_DIR when it is set (also after a failed stage: what ran is kept).
 # Needs a CUDA torch and the packages of requirements.txt. Report of a run: reports/cuda_check.md.
 set -euo pipefail
 target=${1:-evaluate}; shift || true
 repo=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d)
 log=${LOG:-/tmp/cuda_check.log}
+finish() {
+  if [ -n "${METRICS_DIR:-}" ]; then mkdir -p "$METRICS_DIR"; cp "$work"/metrics/*.json "$METRICS_DIR" 2>/dev/null || true; fi
+  rm -rf "$work"
+}
+trap finish EXIT
 git -C "$repo" ls-files -co --exclude-standard -z | (cd "$repo" && xargs -0 cp --parents -t "$work")
 cd "$work"
 export GIT_AUTHOR_NAME=cuda-check GIT_AUTHOR_EMAIL=cuda-check@localhost
@@ -40,4 +46,3 @@ for path in sorted(Path("metrics").glob("*.json")):
         acc = metrics.get("val_acc", metrics.get("teacher_ensemble_val_acc"))
         print(f"{path.stem:24s} {metrics['wall_s']:8.1f} s {speed:8.0f} img/s  val {acc:.4f}")
 PY
-rm -rf "$work"

@@ -90,7 +90,7 @@ def main() -> None:
         raise RuntimeError("dvc exp apply did not restore the main run's metrics")
 
     params = load_params()
-    main_rows, test_images = comparison.main_rows(params, repo, main_eval, cfg["seed_models"])
+    main_rows, test_images, misses = comparison.main_rows(params, repo, main_eval, cfg["seed_models"])
     pipeline = comparison.pipeline_summary(full, incremental)
     results = {
         "command": command,
@@ -101,6 +101,7 @@ def main() -> None:
         "overrides": cfg["overrides"],
         "experiment": full.name,
         "main": main_rows,
+        "misses": misses,
         "variants": variants,
         "pipeline": pipeline,
         "notes": comparison.NOTES,

@@ -4,9 +4,11 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from src.benchmark import SIMD_FLAGS
+from src.edgekd.comparison import missed_images
 from src.edgekd.config import StudentConfig
 from src.edgekd.experiments import overrides_to_args, parse_stage_log
 from src.edgekd.report import MAIN_COLUMNS, VARIANT_COLUMNS, format_value, markdown_table
@@ -42,6 +44,17 @@ def test_format_and_table():
     assert format_value("latency_p50_ms", None) == "–"
     table = markdown_table([{"model": "a", "accuracy": 0.5}], MAIN_COLUMNS).splitlines()
     assert len(table) == 3 and table[2].count("|") == len(MAIN_COLUMNS) + 1
+
+
+def test_missed_images_lists_each_wrong_image_once_with_every_answer():
+    labels = np.array([0, 1, 2, 1])
+    misses = missed_images(["a.jpg", "b.jpg", "c.jpg", "d.jpg"], labels, ["x", "y", "z"],
+                           {"p": np.array([0, 2, 2, 0]), "q": np.array([0, 2, 1, 1])})
+    assert misses["models"] == ["p", "q"]
+    assert [r["image"] for r in misses["rows"]] == ["b.jpg", "c.jpg", "d.jpg"]
+    assert misses["rows"][0] == {"image": "b.jpg", "class": "y", "predicted": {"p": "z", "q": "z"}}
+    assert misses["rows"][2]["predicted"] == {"p": "x", "q": "y"}
+    assert misses["missed_by_all"] == 1  # b.jpg
 
 
 def table_after(markdown: str, heading: str) -> list[list[str]]:
@@ -101,6 +114,12 @@ def test_benchmark_on_tiny_run_writes_report_and_restores_main_run(tiny_repo: Pa
     assert re.search(r"Machine: .*, \d+ cores \(.*(with|no) VNNI\)", markdown)
     main_table = table_after(markdown, "## Main table")
     assert len(main_table) == 9 and all(len(r) == len(MAIN_COLUMNS) for r in main_table)
+    # The misses table agrees with the accuracies: one non-✓ cell per image a model gets wrong.
+    miss_table = table_after(markdown, "## Test images missed")
+    assert len(miss_table) == len(results["misses"]["rows"]) > 0
+    for column, row in enumerate([results["main"][i] for i in (3, 4, 5, 6)], start=2):
+        wrong = sum(r[column] != "✓" for r in miss_table)
+        assert wrong == round((1 - row["accuracy"]) * results["test_images"]), row["model"]
     variant_table = table_after(markdown, "## Student variants")
     assert len(variant_table) == 3 and all(len(r) == len(VARIANT_COLUMNS) for r in variant_table)
     assert re.search(r"incremental `dvc exp run -S student.width=0.5`", markdown)

@@ -46,8 +46,9 @@ def variant_row(student: StudentConfig, image_size: int, evaluation: dict) -> di
     }
 
 
-def teacher_rows(params: Params, prepared: Path, teachers_dir: Path) -> list[dict]:
-    """Test accuracy of each teacher and of their logit-averaged ensemble (PyTorch, CPU)."""
+def teacher_rows(params: Params, prepared: Path, teachers_dir: Path) -> tuple[list[dict], np.ndarray]:
+    """Test accuracy of each teacher and of their logit-averaged ensemble (PyTorch, CPU), and the
+    ensemble's test predictions."""
     info = load_info(prepared)
     images, labels = load_split(prepared, "test")
     cpu = torch.device("cpu")
@@ -62,7 +63,18 @@ def teacher_rows(params: Params, prepared: Path, teachers_dir: Path) -> list[dic
     rows.append({"model": "teacher ensemble (mean logits)",
                  "accuracy": (logits.argmax(1) == labels).float().mean().item(),
                  "params": sum(r["params"] for r in rows)})
-    return rows
+    return rows, logits.argmax(1).numpy()
+
+
+def missed_images(paths: list[str], labels: np.ndarray, classes: list[str],
+                predictions: dict[str, np.ndarray]) -> dict:
+    """Every test image that at least one model gets wrong, with each model's answer: shows whether
+    the misses are shared (hard or mislabelled images) or one model's own."""
+    wrong = np.stack([pred != labels for pred in predictions.values()])  # (models, N)
+    rows = [{"image": paths[i], "class": classes[labels[i]],
+             "predicted": {name: classes[pred[i]] for name, pred in predictions.items()}}
+            for i in np.flatnonzero(wrong.any(0))]
+    return {"models": list(predictions), "missed_by_all": int(wrong.all(0).sum()), "rows": rows}
 
 
 def onnx_float_params(path: Path) -> int:
@@ -82,16 +94,20 @@ def seed_inputs(prepared: Path, root: Path, seed_cfg: dict, max_pixels: int) -> 
     return x.numpy(), labels
 
 
-def main_rows(params: Params, repo: Path, main_eval: dict, seed_cfg: dict) -> tuple[list[dict], int]:
+def main_rows(params: Params, repo: Path, main_eval: dict, seed_cfg: dict) -> tuple[list[dict], int, dict]:
+    """The main table's rows, the number of test images, and the images our models miss."""
     prepared, models = repo / "prepared", repo / "models"
     info = load_info(prepared)
     images, labels = load_split(prepared, "test")
-    rows = teacher_rows(params, prepared, models / "teachers")
+    rows, ensemble_preds = teacher_rows(params, prepared, models / "teachers")
+    predictions = {"teacher ensemble": ensemble_preds}
     for key, name, file in [("baseline", "student baseline (no KD), FP32", "baseline.onnx"),
                             ("fp32", "student distilled, FP32", "student_fp32.onnx"),
                             ("int8", "student distilled + QAT, INT8", "student_int8.onnx")]:
         m, size = main_eval[key], read_metadata(models / file).image_size
         x = normalize(resize_batch(images, size), info.mean, info.std).numpy()  # (N, 3, H, W) float32
+        run = make_runner(models / file, "onnxruntime", params.bench.threads)
+        predictions[f"student {key}"] = predict_all(run, x).argmax(1)
         rows.append({"model": name, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
                      "size_bytes": m["size_bytes"], "params": m["params"],
                      **measure_speed(models / file, x, params.bench)})
@@ -109,7 +125,8 @@ def main_rows(params: Params, repo: Path, main_eval: dict, seed_cfg: dict) -> tu
     for row in rows:
         if "latency_p50_ms" in row:
             row["p50_vs_seed_int8"] = row["latency_p50_ms"] / seed_int8_p50
-    return rows, len(labels)
+    paths = pd.read_csv(prepared / "test.csv")["path"].tolist()
+    return rows, len(labels), missed_images(paths, labels.numpy(), info.classes, predictions)
 
 
 def pipeline_summary(full: Any, incremental: list) -> dict:

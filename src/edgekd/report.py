@@ -83,6 +83,27 @@ def simd_text(machine: dict) -> str:
     return f" ({', '.join(machine['simd']) or 'no AVX2 or NEON'}; {'with' if has_vnni else 'no'} VNNI)"
 
 
+def misses_section(results: dict) -> list[str]:
+    """One row per test image that a model misses; a cell is that model's answer, ✓ when right."""
+    misses = results.get("misses")
+    if misses is None:  # reports written before misses were recorded
+        return []
+    names = misses["models"]
+    rows = [{"image": f"`{r['image']}`", "class": r["class"],
+             **{n: "✓" if r["predicted"][n] == r["class"] else r["predicted"][n] for n in names}}
+            for r in misses["rows"]]
+    return [
+        "## Test images missed",
+        "",
+        f"{len(rows)} of the {results['test_images']} test images are missed by at least one of these "
+        f"models, {misses['missed_by_all']} by all of them. A cell is the class the model predicted "
+        "(✓: the true class).",
+        "",
+        markdown_table(rows, [("image", "image"), ("class", "true class"), *[(n, n) for n in names]]),
+        "",
+    ]
+
+
 def render_markdown(results: dict) -> str:
     machine = results["machine"]
     parts = [
@@ -107,6 +128,7 @@ def render_markdown(results: dict) -> str:
         "",
         *[f"- {note}" for note in results.get("notes", [])],
         "",
+        *misses_section(results),
         "## Student variants (accuracy / latency / size trade-off)",
         "",
         markdown_table(results["variants"], VARIANT_COLUMNS),
