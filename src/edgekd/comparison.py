@@ -101,13 +101,15 @@ def main_rows(params: Params, repo: Path, main_eval: dict, seed_cfg: dict) -> tu
     images, labels = load_split(prepared, "test")
     rows, ensemble_preds = teacher_rows(params, prepared, models / "teachers")
     predictions = {"teacher ensemble": ensemble_preds}
+    class_index = {c: i for i, c in enumerate(info.classes)}
     for key, name, file in [("baseline", "student baseline (no KD), FP32", "baseline.onnx"),
                             ("fp32", "student distilled, FP32", "student_fp32.onnx"),
                             ("int8", "student distilled + QAT, INT8", "student_int8.onnx")]:
         m, size = main_eval[key], read_metadata(models / file).image_size
         x = normalize(resize_batch(images, size), info.mean, info.std).numpy()  # (N, 3, H, W) float32
-        run = make_runner(models / file, "onnxruntime", params.bench.threads)
-        predictions[f"student {key}"] = predict_all(run, x).argmax(1)
+        # the evaluate stage's own per-image answers (test order), which its accuracy counts
+        answers = pd.read_csv(repo / "plots" / f"confusion_{key}.csv")["predicted"]
+        predictions[f"student {key}"] = answers.map(class_index).to_numpy()
         rows.append({"model": name, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
                      "size_bytes": m["size_bytes"], "params": m["params"],
                      **measure_speed(models / file, x, params.bench)})
