@@ -67,7 +67,7 @@ def run_seed(raw: dict, seed: int, data: Path, device: torch.device, soft_target
     info, train, val = load_info(data), load_split(data, "train"), load_split(data, "val")
     cfg = params.student
     model = build_model(cfg.arch, len(info.classes), cfg.width)
-    setup = setup_from_params(params, info, device, cfg.epochs, None, "", input_size=cfg.image_size)
+    setup = setup_from_params(params, info, device, cfg.epochs, seed, None, "", input_size=cfg.image_size)
     # the views were rendered with the params' seed, not this run's
     targets = None if soft_targets is None else load_soft_targets(soft_targets, train[0], raw["seed"],
                                                                    len(info.classes))

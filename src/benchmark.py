@@ -49,6 +49,14 @@ def machine_info() -> dict:
             "versions": {p: version(p) for p in packages}}
 
 
+def code_commit(repo: Path) -> str:
+    """The commit the benchmark ran on, marked `-dirty` when tracked files differ from it."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ".", ":!params.yaml", ":!dvc.lock",
+                            ":!metrics", ":!plots", ":!dvclive"], cwd=repo).returncode != 0
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
@@ -66,6 +74,7 @@ def main() -> None:
         return
     start = time.perf_counter()
     repo = Path.cwd()
+    commit = code_commit(repo)  # before the runs rewrite params.yaml, metrics and the lock
     cfg = yaml.safe_load(Path(args.config).read_text())
     command = f"make bench  (python -m src.benchmark --config {args.config} --out {args.out})"
 
@@ -94,6 +103,7 @@ def main() -> None:
     pipeline = comparison.pipeline_summary(full, incremental)
     results = {
         "command": command,
+        "commit": commit,
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine_info(),
         "data_root": params.data.root,
@@ -104,6 +114,7 @@ def main() -> None:
         "misses": misses,
         "variants": variants,
         "pipeline": pipeline,
+        "int8_export": read_json(repo / "metrics" / "export.json")["student_int8"],
         "notes": comparison.NOTES,
         "bench_wall_s": round(time.perf_counter() - start),
     }

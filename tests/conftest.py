@@ -1,7 +1,8 @@
 """Shared fixtures: the real rice sample and small real trees copied from it.
 
-- `rice_sample_dir`: the read-only 5,020-image sample (`../shared/datasets/rice-image`); fails the
-  test loudly if it is missing (CI has it; a silent skip would hide a broken set-up).
+- `rice_sample_dir`: the read-only 5,020-image sample (`$EDGEKD_SHARED/datasets/rice-image`, by
+  default ../shared beside the checkout: tests/shared_data.py); fails the test in one line if it is
+  missing (CI has it; a silent skip would hide a broken set-up).
 - `rice_tree_factory(per_class, name)`: copies the first `per_class` images (sorted names) of each
   variety into a fresh tmp tree `<tmp>/<name>/<Variety>/` and returns its path (cached per args).
 - `small_rice_tree`: that tree with 20 real images per variety (100 JPEGs, real file names such as
@@ -15,19 +16,17 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Callable
 
 import pytest
+from shared_data import RICE_SAMPLE, require
 
 from src.edgekd.config import DataConfig
 from src.edgekd.data import prepare_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-# ../shared next to the checkout (developers, CI); RICE_SAMPLE_DIR elsewhere (e.g. a GitHub runner).
-RICE_SAMPLE = Path(os.environ.get("RICE_SAMPLE_DIR", REPO.parent / "shared/datasets/rice-image"))
 RICE_CLASSES = ("Arborio", "Basmati", "Ipsala", "Jasmine", "Karacadag")
 SMALL_PER_CLASS = 20
 SMALL_IMAGE_SIZE = 32
@@ -35,9 +34,8 @@ SMALL_IMAGE_SIZE = 32
 
 @pytest.fixture(scope="session")
 def rice_sample_dir() -> Path:
-    if not all((RICE_SAMPLE / c).is_dir() for c in RICE_CLASSES):
-        pytest.fail(f"real rice sample missing at {RICE_SAMPLE} (expected ../shared/datasets/"
-                    f"rice-image next to the repo, with folders {RICE_CLASSES})")
+    for cls in RICE_CLASSES:
+        require(RICE_SAMPLE / cls, f"datasets/rice-image/{{{','.join(RICE_CLASSES)}}}/")
     return RICE_SAMPLE
 
 

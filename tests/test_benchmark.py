@@ -5,18 +5,26 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pytest
+import torch
 import yaml
 
 from src.benchmark import SIMD_FLAGS
+from src.edgekd.augment import normalize
+from src.edgekd.bench import ort_session
+from src.edgekd.ckpt import load_teachers
 from src.edgekd.comparison import missed_images
-from src.edgekd.config import StudentConfig
+from src.edgekd.config import StudentConfig, load_params
+from src.edgekd.data import load_info, load_split
 from src.edgekd.experiments import overrides_to_args, parse_stage_log
+from src.edgekd.images import load_image
 from src.edgekd.report import MAIN_COLUMNS, VARIANT_COLUMNS, format_value, markdown_table
-from tiny_pipeline import REPO, sh
+from shared_data import SEED_MODELS, require
+from tiny_pipeline import sh
 
 DEFAULT_ARCH = StudentConfig().arch
 
-SEED_MODELS = REPO.parent / "shared/reference/seed-models/rice-image"
 
 
 def test_overrides_become_hydra_set_params():
@@ -69,7 +77,43 @@ def table_after(markdown: str, heading: str) -> list[list[str]]:
     return rows[2:]
 
 
+def expected_accuracies(repo: Path, seed_cfg: dict, misses: dict) -> list[float]:
+    """Test accuracy of each main-table row (in its order), counted here from answers given per image:
+    teachers run again (torch), the ensemble and the students from the report's per-image answers
+    (the students' also from the evaluate stage's plots/confusion_<name>.csv), the seed models run
+    again (onnxruntime) on the test images decoded at their own size and normalisation."""
+    params, prepared = load_params(repo / "params.yaml"), repo / "prepared"
+    info, (images, labels) = load_info(prepared), load_split(prepared, "test")
+    accuracies = []
+    teachers, _ = load_teachers(repo / "models/teachers", params.teachers.archs, info)
+    with torch.no_grad():
+        for teacher in teachers:
+            answers = teacher.eval()(normalize(images, info.mean, info.std)).argmax(1)
+            accuracies.append((answers == labels).sum().item() / len(labels))
+    answered = {r["image"]: r["predicted"] for r in misses["rows"]}  # images someone gets wrong
+    manifest = pd.read_csv(prepared / "test.csv")
+    for name, key in (("teacher ensemble", None), ("student baseline", "baseline"),
+                      ("student fp32", "fp32"), ("student int8", "int8")):
+        right = sum(answered.get(path, {name: cls})[name] == cls
+                    for path, cls in zip(manifest["path"], manifest["class"]))
+        if key is not None:
+            confusion = pd.read_csv(repo / "plots" / f"confusion_{key}.csv")
+            assert (confusion["actual"] == confusion["predicted"]).sum() == right, key
+        accuracies.append(right / len(manifest))
+    mean, std = np.float32(seed_cfg["mean"]).reshape(1, 3, 1, 1), np.float32(seed_cfg["std"]).reshape(1, 3, 1, 1)
+    size, root = seed_cfg["image_size"], repo / params.data.root
+    pixels = np.stack([load_image(root / p, size, params.data.max_image_pixels) for p in manifest["path"]])
+    x = ((pixels.transpose(0, 3, 1, 2) / np.float32(255) - mean) / std).astype(np.float32)
+    for precision in ("fp32", "int8"):
+        sess = ort_session(seed_cfg[precision])
+        name = sess.get_inputs()[0].name
+        answers = np.concatenate([sess.run(None, {name: x[i:i + 1]})[0] for i in range(len(x))])
+        accuracies.append(float((answers.argmax(1) == labels.numpy()).mean()))
+    return accuracies
+
+
 def test_benchmark_on_tiny_run_writes_report_and_restores_main_run(tiny_repo: Path):
+    require(SEED_MODELS, "reference/seed-models/rice-image/")
     config = {
         "overrides": {"student": {"epochs": 1}},
         "variants": [{"student.width": 0.5}, {"student.arch": "mobilenet_v3_small"}],
@@ -88,11 +132,13 @@ def test_benchmark_on_tiny_run_writes_report_and_restores_main_run(tiny_repo: Pa
     assert [n.split(",")[0] for n in names[4:7]] == ["student baseline (no KD)", "student distilled",
                                                      "student distilled + QAT"]
     assert names[7].startswith("seed FP32") and names[8].startswith("seed INT8")
-    assert results["main"][8]["p50_vs_seed_int8"] == 1.0
+    seed_int8_p50 = results["main"][8]["latency_p50_ms"]
     for row in results["main"]:
-        assert 0.0 <= row["accuracy"] <= 1.0
         if "latency_p50_ms" in row:
             assert 0 < row["latency_p50_ms"] <= row["latency_p90_ms"]
+            assert row["p50_vs_seed_int8"] == pytest.approx(row["latency_p50_ms"] / seed_int8_p50, rel=1e-12)
+    assert [r["accuracy"] for r in results["main"]] == pytest.approx(
+        expected_accuracies(tiny_repo, config["seed_models"], results["misses"]), abs=1e-6)
 
     # Each variant departs from the main run: the second one is back at width 0.25.
     assert [(v["arch"], v["width"]) for v in results["variants"]] == [
@@ -114,6 +160,9 @@ def test_benchmark_on_tiny_run_writes_report_and_restores_main_run(tiny_repo: Pa
     assert re.search(r"Machine: .*, \d+ cores \(.*(with|no) VNNI\)", markdown)
     main_table = table_after(markdown, "## Main table")
     assert len(main_table) == 9 and all(len(r) == len(MAIN_COLUMNS) for r in main_table)
+    ratio = [key for key, _ in MAIN_COLUMNS].index("p50_vs_seed_int8")  # the ratios as the table shows them
+    assert [r[ratio] for r in main_table] == [f"{row['p50_vs_seed_int8']:.2f}x" if "p50_vs_seed_int8" in row
+                                              else "–" for row in results["main"]]
     # The misses table agrees with the accuracies: one non-✓ cell per image a model gets wrong.
     miss_table = table_after(markdown, "## Test images missed")
     assert len(miss_table) == len(results["misses"]["rows"]) > 0
@@ -125,8 +174,10 @@ def test_benchmark_on_tiny_run_writes_report_and_restores_main_run(tiny_repo: Pa
     assert re.search(r"incremental `dvc exp run -S student.width=0.5`", markdown)
     assert (tiny_repo / "reports/benchmark_tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # The workspace holds the main run again (width 0.25), not the last variant.
+    # The workspace holds the main run again, not the last variant (which changed the arch).
     params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
-    assert params["student"]["width"] == 0.25
+    main, last = results["variants"][0], results["variants"][-1]
+    assert (params["student"]["arch"], params["student"]["width"]) == (main["arch"], main["width"])
+    assert (main["arch"], main["width"]) != (last["arch"], last["width"])
     evaluation = json.loads((tiny_repo / "metrics/evaluate.json").read_text())
     assert evaluation["int8"]["size_bytes"] == results["variants"][0]["int8_size_bytes"]

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from src.edgekd.config import ParamError, Params, load_params, params_from_dict
+from src.edgekd.config import KDConfig, ParamError, Params, as_dict, load_params, params_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,11 +24,25 @@ def with_override(key: str, value) -> dict:
     return raw
 
 
-def test_repo_params_are_valid_and_match_dataclass_defaults_types():
+def test_repo_params_load_with_every_value_taken_from_the_file():
+    raw = repo_params()
     params = load_params(REPO / "params.yaml")
-    assert isinstance(params, Params)
-    assert params.teachers.archs == ("resnet18", "mobilenet_v2", "densenet121")
-    assert 0 < params.student.width <= 4
+    assert isinstance(params, Params) and params.seed == raw["seed"]
+    sections = {name: values for name, values in raw.items() if isinstance(values, dict)}
+    assert sections  # the file has sections, and each of their values is the one loaded
+    for section, values in sections.items():
+        loaded = as_dict(getattr(params, section))
+        for key, value in values.items():
+            assert loaded[key] == (tuple(value) if isinstance(value, list) else value), f"{section}.{key}"
+
+
+def test_a_value_in_the_file_replaces_the_dataclass_default(tmp_path):
+    raw = with_override("kd.views", KDConfig().views + 3)
+    raw["teachers"]["archs"] = ["densenet121"]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    params = load_params(path)
+    assert params.kd.views == KDConfig().views + 3 and params.teachers.archs == ("densenet121",)
 
 
 @pytest.mark.parametrize(
@@ -66,8 +80,11 @@ def test_bad_values_fail_with_one_line_naming_param(key, value, allowed):
 
 
 def test_student_image_size_defaults_to_the_data_size():
-    assert params_from_dict(with_override("student.image_size", None)).student_image_size == 64
-    assert params_from_dict(with_override("student.image_size", 48)).student_image_size == 48
+    raw = with_override("data.image_size", 48)  # not the file's size, nor the dataclass default
+    raw["student"]["image_size"] = None
+    assert params_from_dict(raw).student_image_size == 48
+    raw["student"]["image_size"] = 40
+    assert params_from_dict(raw).student_image_size == 40
 
 
 def test_fractions_that_leave_nothing_to_train_on():

@@ -1,12 +1,13 @@
 """The shared training loop on real rice images: learning, selection, early stop, resume, determinism."""
 
 import csv
+import shutil
 
 import pytest
 import torch
 
 from src.edgekd.data import load_info, load_split
-from src.edgekd.engine import (FitSetup, evaluate, fingerprint, fit, iterate_batches, make_optimizer,
+from src.edgekd.engine import (FitSetup, evaluate, fingerprint, fit, iterate_batches, make_optimizer, resume_file,
                                steps_per_epoch, train_one_epoch)
 from src.edgekd.losses import ce_loss_fn
 from src.edgekd.models import build_model
@@ -22,7 +23,7 @@ def data(prepared_small):
 def _setup(info, tmp_path=None, epochs=3, **kw):
     live = None if tmp_path is None else tmp_path / "live"
     return FitSetup(epochs=epochs, batch_size=16, eval_batch_size=64, seed=7, mean=info.mean, std=info.std,
-                    live_dir=live, resume_path=None if live is None else live / "resume.pt", **kw)
+                    live_dir=live, resume_path=None if live is None else resume_file(live), **kw)
 
 
 def _run(info, train, val, setup, lr=0.01, on_epoch_start=None):
@@ -65,7 +66,15 @@ def test_fit_selects_best_val_epoch_and_logs_curves(data, reference):
     with open(tmp_path / "live/plots/metrics/val_acc.tsv") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
     assert [int(r["step"]) for r in rows] == [0, 1, 2]
-    assert not (tmp_path / "live/resume.pt").exists()  # removed after success
+    assert not resume_file(tmp_path / "live").exists()  # removed after success
+
+
+def test_without_selection_the_last_epoch_is_kept(data, reference):
+    info, train, val = data
+    _, _, ref = reference
+    model, last = _run(info, train, val, _setup(info, select_best=False))
+    assert last.best_epoch == 2 and last.best_val_acc == ref.history[-1]["val_acc"]
+    assert evaluate(model, *val, info.mean, info.std)["acc"] == pytest.approx(ref.history[-1]["val_acc"])
 
 
 def test_early_stopping_on_val(data):
@@ -92,7 +101,8 @@ def test_killed_run_resumes_to_identical_results_and_same_seed_is_deterministic(
     setup = _setup(info, tmp_path / "resumed", fingerprint="run")
     with pytest.raises(_Killed):
         _run(info, train, val, setup, on_epoch_start=_kill_at(2))
-    assert setup.resume_path.is_file()
+    assert setup.resume_path.is_file() and not setup.resume_path.is_relative_to(setup.live_dir)
+    shutil.rmtree(setup.live_dir)  # what DVC does to a stage's declared outputs before rerunning it
     started = []
     model, resumed = _run(info, train, val, setup, on_epoch_start=started.append)
     assert started == [2]  # only the missing epoch was trained

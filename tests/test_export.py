@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
 from src.edgekd.augment import normalize
 from src.edgekd.bench import make_runner
 from src.edgekd.data import load_info, load_split
 from src.edgekd.engine import FitSetup, recalibrate_bn
 from src.edgekd.errors import UserError
-from src.edgekd.export import ModelMeta, compare, conv_kernels, export_onnx, read_metadata
+from src.edgekd.config import ExportConfig
+from src.edgekd.export import (ModelMeta, check_fp32_export, check_int8_export, compare, conv_kernels, export_onnx,
+                               output_step, read_metadata)
 from src.edgekd.images import RESIZE_METHOD
 from src.edgekd.models import build_model
-from src.edgekd.quant import convert, prepare_qat
+from src.edgekd.quant import convert, freeze_qat, prepare_qat, qconfig_mapping
 
 ARCH = "mobilenet_v3_small"  # the stock net: SE, Hardswish, residual adds all have to quantize
 
@@ -60,9 +64,10 @@ def exported(fp32, meta, val_x, tmp_path_factory):
     qat = prepare_qat(fp32, meta.image_size)
     with torch.no_grad():
         qat(val_x)
-    qat.eval()
+    freeze_qat(qat).eval()  # as the qat stage saves it: ranges fixed from here on
+    integer = convert(qat)
     return {"fp32": export_onnx(fp32, out / "fp32.onnx", meta, 17),
-            "int8": export_onnx(convert(qat), out / "int8.onnx", meta, 17), "qat": qat}
+            "int8": export_onnx(integer, out / "int8.onnx", meta, 17), "qat": qat, "integer": integer}
 
 
 def test_fp32_parity_and_dynamic_batch(exported, fp32, val_x):
@@ -133,3 +138,54 @@ def test_openvino_runs_the_same_int8_file(exported, val_x):
     ort_out = make_runner(exported["int8"])(val_x[:4].numpy())
     ov_out = make_runner(exported["int8"], "openvino")(val_x[:4].numpy())
     assert (ort_out.argmax(1) == ov_out.argmax(1)).all()
+
+
+# The briefly trained model here is like the tiny project's (tests/tiny_pipeline.py): its logits span
+# a fine output grid, on which the engines' rounding noise measures up to ~15 steps.
+BRIEF_MODEL_GATES = ExportConfig(int8_logit_tolerance_steps=32, min_int8_agreement=0.9)
+
+
+def test_export_gates_pass_the_real_export(exported, fp32, val_x):
+    cfg = BRIEF_MODEL_GATES
+    assert check_fp32_export(fp32, exported["fp32"], val_x, cfg)["max_abs_diff"] <= cfg.parity_atol
+    checks = check_int8_export(exported["integer"], exported["qat"], exported["int8"], val_x, cfg)
+    assert checks["conv_kernels"]["float"] == 0 and checks["parity_int8_torch"]["top1_agreement"] >= 0.97
+    assert checks["output_step"] == pytest.approx(exported["integer"].get_submodule("classifier.3").scale)
+
+
+def test_fp32_gate_fires_on_a_model_that_differs(exported, fp32, val_x):
+    other = build_model(ARCH, len(read_metadata(exported["fp32"]).classes), 0.25).eval()
+    other.load_state_dict(fp32.state_dict())
+    with torch.no_grad():
+        other.classifier[-1].bias += 0.01  # one changed bias: the file no longer is this model
+    with pytest.raises(UserError, match=r"fp32.onnx: max \|logit\| diff vs torch .* > export.parity_atol=0.001"):
+        check_fp32_export(other, exported["fp32"], val_x, ExportConfig())
+
+
+def test_int8_gates_fire_on_a_broken_int8_file(exported, fp32, meta, val_x, tmp_path):
+    cfg = BRIEF_MODEL_GATES
+    # The file is not this integer model: its classifier's weights were negated.
+    flipped = copy.deepcopy(fp32)
+    with torch.no_grad():
+        flipped.classifier[-1].weight.neg_()
+    other_qat = prepare_qat(flipped, meta.image_size)
+    with torch.no_grad():
+        other_qat(val_x)
+    other = convert(freeze_qat(other_qat).eval())
+    with pytest.raises(UserError, match=r"int8.onnx: (top-1 agreement|max \|logit\| diff) .*integer torch model"):
+        check_int8_export(other, exported["qat"], exported["int8"], val_x, cfg)
+    # A file whose stem (conv + BN + activation) was left unquantized: its Conv runs in float.
+    mapping = qconfig_mapping().set_module_name("features.0", None)
+    model = prepare_qat_fx(copy.deepcopy(fp32).train(), mapping, (val_x[:2],))
+    with torch.no_grad():
+        model(val_x)
+    partial = convert(freeze_qat(model).eval())
+    path = export_onnx(partial, tmp_path / "partial.onnx", meta, 17)
+    with pytest.raises(UserError, match=r"partial.onnx: 1 Conv\(s\) still run in float"):
+        check_int8_export(partial, model, path, val_x, cfg)
+
+
+def test_output_step_refuses_a_float_file(exported):
+    assert output_step(exported["int8"]) > 0
+    with pytest.raises(UserError, match="not an INT8 export"):
+        output_step(exported["fp32"])

@@ -9,23 +9,40 @@ import sys
 from pathlib import Path
 
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
+from torch import nn
 
+from src.edgekd.augment import normalize
+from src.edgekd.config import DataConfig
 from src.edgekd.export import ModelMeta, export_onnx
+from src.edgekd.images import load_image
 from src.edgekd.models import build_model
 from src.predict import main
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["Arborio", "Basmati", "Ipsala", "Jasmine", "Karacadag"]
+SIZE, MEAN, STD = 32, [0.1, 0.3, 0.5], [0.2, 0.3, 0.4]  # the fixture's metadata; per channel: a mix-up shows
 
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
+    """An untrained student whose answers depend on the image: freshly initialised, its eval-mode
+    BN statistics and tiny head make every softmax ~0.2 whatever the input, so the BN statistics
+    are estimated on random inputs and the head is scaled up."""
     torch.manual_seed(0)
-    meta = ModelMeta(classes=CLASSES, image_size=32, mean=[0.1, 0.1, 0.1], std=[0.2, 0.2, 0.2])
+    model = build_model("mobilenet_v3_small_minimal", 5, 0.25)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a plain average over the batch below
+    with torch.no_grad():
+        model.train()(torch.randn(64, 3, SIZE, SIZE))
+        [m for m in model.modules() if isinstance(m, nn.Linear)][-1].weight.mul_(100)
+    meta = ModelMeta(classes=CLASSES, image_size=SIZE, mean=MEAN, std=STD)
     out = tmp_path_factory.mktemp("predict") / "m.onnx"
-    return export_onnx(build_model("mobilenet_v3_small_minimal", 5, 0.25), out, meta, 17)
+    return export_onnx(model, out, meta, 17)
 
 
 @pytest.fixture()
@@ -41,13 +58,26 @@ def mixed_folder(small_rice_tree, tmp_path):
     return tmp_path
 
 
+def expected_answer(model_path: Path, image: Path) -> tuple[str, float]:
+    """Class and top softmax probability of the ONNX model for one image, computed here: the
+    training side's decode and normalisation, a plain onnxruntime session, torch's softmax."""
+    pixels = torch.from_numpy(load_image(image, SIZE, DataConfig.max_image_pixels)).permute(2, 0, 1)[None]
+    x = normalize(pixels, MEAN, STD).numpy()  # (1, 3, SIZE, SIZE)
+    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    probs = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x})[0][0]).double().softmax(0)
+    return CLASSES[int(probs.argmax())], float(probs.max())
+
+
 def test_json_lines_for_good_files_errors_for_bad_and_nonzero_exit(model_path, mixed_folder, capsys):
     rc = main([str(model_path), str(mixed_folder), "--json"])
     out, err = capsys.readouterr()
     records = [json.loads(line) for line in out.splitlines()]
     assert rc == 1
     assert len(records) == 2 and {Path(r["path"]).parent.name for r in records} == {mixed_folder.name, "sub dir"}
-    assert all(r["class"] in CLASSES and 0.2 <= r["confidence"] <= 1 for r in records)
+    for r in records:  # each answer is the model's own for that file: argmax class, its softmax probability
+        cls, confidence = expected_answer(model_path, Path(r["path"]))
+        assert r["class"] == cls and r["confidence"] == pytest.approx(confidence, abs=2e-6), r
+    assert abs(records[0]["confidence"] - records[1]["confidence"]) > 0.01  # the answers depend on the image
     errors = err.splitlines()
     assert len(errors) == 2 and all(e.startswith("error: ") for e in errors)
     assert any("corrupt.jpg" in e for e in errors) and any("notes.jpg" in e for e in errors)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import yaml
 import torch
 import torch.nn.functional as F
 from torch.ao.nn.intrinsic import qat as nniqat
@@ -10,12 +13,12 @@ from torch.ao.quantization import FakeQuantize
 from src.edgekd import engine
 from src.edgekd.augment import normalize
 from src.edgekd.bench import make_runner
-from src.edgekd.ckpt import model_payload, save_checkpoint
+from src.edgekd.ckpt import load_checkpoint, model_payload, save_checkpoint
 from src.edgekd.config import StudentConfig
 from src.edgekd.data import load_info, load_split
 from src.edgekd.export import ModelMeta, compare, export_onnx
 from src.edgekd.models import build_model
-from src.edgekd.quant import convert, load_qat_model, prepare_qat, set_qat_phase
+from src.edgekd.quant import convert, freeze_qat, load_qat_model, prepare_qat, set_qat_phase
 
 ARCH = StudentConfig().arch  # the default student
 
@@ -57,7 +60,7 @@ def test_fake_quant_predicts_onnx_int8_and_checkpoint_rebuilds(prepared_small, t
     x = normalize(load_split(prepared_small, "val")[0], info.mean, info.std)  # real val images
     save_checkpoint(tmp_path / "qat.pt", model_payload(model, ARCH, 0.25, info))
     rebuilt, payload = load_qat_model(tmp_path / "qat.pt")
-    with torch.no_grad():
+    with torch.no_grad(), engine.evaluation_mode(model):
         assert torch.equal(rebuilt(x), model(x))  # ranges and folded-BN state come back exactly
     meta = ModelMeta(classes=info.classes, image_size=info.image_size, mean=info.mean, std=info.std)
     integer_model = convert(rebuilt)
@@ -68,3 +71,46 @@ def test_fake_quant_predicts_onnx_int8_and_checkpoint_rebuilds(prepared_small, t
     # few steps of their INT8 grid; a real mismatch (wrong scale, float fallback) is hundreds.
     logit_step = integer_model.get_submodule("classifier.3").scale
     assert report["max_abs_diff"] <= 4 * logit_step, (report, logit_step)
+
+
+def _ranges(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()
+            if k.endswith(("scale", "zero_point", "min_val", "max_val"))}
+
+
+def test_evaluating_a_qat_model_never_moves_its_ranges(prepared_small):
+    """FakeQuantize observes every forward pass while its observer is on, in eval mode too: without
+    engine.evaluation_mode, validating on val would move the INT8 grid towards the val images."""
+    model, info = _qat_one_epoch(prepared_small)
+    images, labels = load_split(prepared_small, "val")
+    before = _ranges(model)
+    assert before and all(m.observer_enabled.item() == 1 for m in model.modules() if isinstance(m, FakeQuantize))
+    engine.evaluate(model, images * 0 + 255, labels, info.mean, info.std)  # white images: far other ranges
+    engine.evaluate(model, images, labels, info.mean, info.std)
+    after = _ranges(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # the observers are back on afterwards: evaluation changes nothing about training
+    assert all(m.observer_enabled.item() == 1 for m in model.modules() if isinstance(m, FakeQuantize))
+
+
+def test_frozen_and_rebuilt_models_give_the_same_logits_whatever_they_saw(prepared_small, tmp_path):
+    model, info = _qat_one_epoch(prepared_small)
+    freeze_qat(model)
+    assert all(m.freeze_bn for m in model.modules() if isinstance(m, nniqat.ConvBn2d))
+    x = normalize(load_split(prepared_small, "val")[0], info.mean, info.std)
+    save_checkpoint(tmp_path / "qat.pt", model_payload(model, ARCH, 0.25, info))
+    rebuilt, _ = load_qat_model(tmp_path / "qat.pt")
+    with torch.no_grad():
+        first = rebuilt(x)
+        rebuilt.train()(x * 5)  # even a training-mode pass over other images moves nothing
+        assert torch.equal(rebuilt.eval()(x), first) and torch.equal(model(x), first)
+
+
+def test_qat_stage_keeps_the_last_epoch_frozen(tiny_repo_template):
+    """The saved model has every observer off (BN freezing is a module flag, restored by load_qat_model)."""
+    payload = load_checkpoint(tiny_repo_template / "models/student_qat.pt")
+    flags = {k: v for k, v in payload["state_dict"].items() if k.endswith("observer_enabled")}
+    assert flags and all(v.item() == 0 for v in flags.values())
+    metrics = json.loads((tiny_repo_template / "metrics/qat.json").read_text())
+    params = yaml.safe_load((tiny_repo_template / "params.yaml").read_text())
+    assert metrics["epochs_run"] == params["qat"]["epochs"]

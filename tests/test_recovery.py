@@ -1,12 +1,13 @@
-"""A failed experiment loses nothing: bad params fail before training, and `git checkout params.yaml`
-plus `dvc checkout` bring back every previous output byte for byte from the DVC cache."""
+"""A failed experiment loses nothing: bad params fail before training, and `git checkout .` (params,
+git-tracked metrics, plots and curves) plus `dvc checkout` (models, prepared data from the DVC cache)
+bring back every previous output byte for byte."""
 
 import hashlib
 from pathlib import Path
 
 from tiny_pipeline import sh
 
-OUTPUT_DIRS = ("models", "prepared", "metrics", "plots")
+OUTPUT_DIRS = ("models", "prepared", "metrics", "plots", "dvclive")
 
 
 def output_hashes(repo: Path) -> dict[str, str]:
@@ -29,7 +30,7 @@ def test_bad_param_fails_first_stage_in_one_line_and_checkout_restores_everythin
     untouched = [k for k in before if k.startswith(("models/teachers/", "prepared/"))]
     assert untouched and all(after.get(k) == before[k] for k in untouched)
 
-    sh("git", "checkout", "params.yaml", cwd=tiny_repo)
+    sh("git", "checkout", ".", cwd=tiny_repo)
     sh("dvc", "checkout", cwd=tiny_repo)
 
     assert output_hashes(tiny_repo) == before

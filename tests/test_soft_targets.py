@@ -50,7 +50,23 @@ def test_targets_are_the_teachers_logits_of_each_view(sample):
     x = (pixels.float() / 255 - torch.tensor(info.mean).view(1, 3, 1, 1)) / torch.tensor(info.std).view(1, 3, 1, 1)
     with torch.no_grad():
         torch.testing.assert_close(targets["logits"][2], teacher(x))
-    assert 0 <= targets["ensemble_accuracy"] <= 1
+
+
+def test_ensemble_accuracy_counts_the_teachers_hits_over_every_view(sample):
+    info, images, labels, targets = sample
+    teacher = _MeanColour(len(info.classes)).eval()
+    mean, std = torch.tensor(info.mean).view(1, 3, 1, 1), torch.tensor(info.std).view(1, 3, 1, 1)
+    hits = []
+    with torch.no_grad():
+        for view in range(3):
+            x = (render_view(images, seed=7, view=view).float() / 255 - mean) / std
+            hits.append((teacher(x).argmax(1) == labels).tolist())
+    per_view = [sum(h) / len(h) for h in hits]
+    assert len(set(per_view)) > 1  # the views differ in how often the teacher is right
+    assert targets["ensemble_accuracy"] == pytest.approx(sum(map(sum, hits)) / (3 * len(images)), abs=1e-6)
+    # stored logits and accuracy agree (argmax of the (V, N, C) targets against the labels)
+    assert targets["ensemble_accuracy"] == pytest.approx(
+        (targets["logits"].argmax(-1) == labels).float().mean().item(), abs=1e-6)
 
 
 def test_epoch_e_trains_on_view_e_mod_v_with_matching_targets(sample):

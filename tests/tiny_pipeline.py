@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from src.edgekd.runtime import PARAMS_TRACE_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 
 TINY_OVERRIDES = {
@@ -23,7 +25,9 @@ TINY_OVERRIDES = {
     "student": {"epochs": 1},
     "kd": {"views": 2},
     "qat": {"epochs": 1, "freeze_bn_epoch": 1, "freeze_observer_epoch": 1},
-    "export": {"min_int8_agreement": 0.0},  # 1-epoch models: parity is tested elsewhere
+    # 1-epoch models: logits span ~200 fine steps of their output grid, and the same rounding noise
+    # that is 4-6 steps for a trained student reaches 15-22 here (measured); agreement 1.0 on val.
+    "export": {"int8_logit_tolerance_steps": 32, "min_int8_agreement": 0.8},
     "bench": {"warmup": 2, "runs": 10, "batch": 4},
 }
 
@@ -33,9 +37,14 @@ GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAM
            "GIT_COMMITTER_EMAIL": "t@t"}
 
 
-def sh(*cmd: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+# Beside the template repo: what its `dvc repro` printed, and which params each stage read.
+REPRO_LOG, PARAMS_TRACE = "repro.log", "params-trace"
+
+
+def sh(*cmd: str, cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a command, capturing text output; a failure shows its output in the assertion."""
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, **GIT_ENV})
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **GIT_ENV, **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -70,12 +79,14 @@ def copy_project(dest: Path) -> Path:
 
 
 def make_tiny_repo(dest: Path, data_root: Path) -> Path:
-    """Project copy with tiny params on `data_root`, committed, fully reproduced, committed again."""
+    """Project copy with tiny params on `data_root`, committed, fully reproduced, committed again;
+    the run's output and params trace are kept beside it (REPRO_LOG, PARAMS_TRACE)."""
     copy_project(dest)
     set_params(dest, deep_update({"data": {"root": str(data_root)}}, TINY_OVERRIDES))
     sh("git", "init", "-q", cwd=dest)
     commit_all(dest, "tiny project")
-    sh("dvc", "repro", cwd=dest)
+    proc = sh("dvc", "repro", cwd=dest, env={PARAMS_TRACE_ENV: str(dest.parent / PARAMS_TRACE)})
+    (dest.parent / REPRO_LOG).write_text(proc.stdout + proc.stderr)
     commit_all(dest, "tiny run")
     return dest
 

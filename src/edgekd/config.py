@@ -3,6 +3,10 @@
 Every stage calls `load_params()` first, so a bad value (`dvc exp run -S student.width=-1`) fails
 in one line naming the parameter, the value and what is allowed, before any work starts.
 Unknown keys are rejected too: a typo must not silently fall back to a default.
+
+Every field read after loading is recorded (`read_keys`): DVC reruns a stage only for the params
+its `dvc.yaml` entry declares, and tests/test_dvc_contract.py checks that declaration against what
+each stage really read.
 """
 
 from __future__ import annotations
@@ -28,9 +32,33 @@ class ParamError(UserError, ValueError):
     """A params.yaml value is missing, of the wrong type or out of range."""
 
 
+_READ: set[str] = set()  # "section.key" of every field read since the params were loaded
+
+
+class _Recorded:
+    """Mixin of the params dataclasses: reading a field records its dotted key in `_READ`.
+
+    Reading a section (`params.train`) records nothing; reading its fields, one by one or all at
+    once with `as_dict`, records each of them.
+    """
+
+    def __getattribute__(self, name: str) -> Any:
+        value = object.__getattribute__(self, name)
+        prefix = _SECTION_PREFIX.get(type(self))
+        if prefix is not None and name in _LEAVES[type(self)]:
+            _READ.add(prefix + name)
+        return value
+
+
+def read_keys() -> set[str]:
+    """Dotted params keys read since the last `load_params` (e.g. {"seed", "train.threads"})."""
+    return set(_READ)
+
+
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Recorded):
     root: str = "data/rice-demo"  # any ImageFolder tree (class folders of images)
+    split_seed: int = 42  # the train/val/test split alone: a new training seed never re-splits
     image_size: int = 64  # square side in px that every model sees; rice grains need no 224
     val_fraction: float = 0.15  # for model selection / early stopping
     test_fraction: float = 0.2  # touched only by final evaluation
@@ -39,6 +67,7 @@ class DataConfig:
     cache_limit_mb: int = 4096  # refuse to build a decoded cache larger than this
 
     def check(self) -> None:
+        _require(0 <= self.split_seed < 2**32, "data.split_seed", self.split_seed, "an integer in 0..2**32-1")
         _require(self.image_size >= 32, "data.image_size", self.image_size, "an integer >= 32")
         _require(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction, "0 < x < 1")
         _require(0 < self.test_fraction < 1, "data.test_fraction", self.test_fraction, "0 < x < 1")
@@ -56,7 +85,7 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Recorded):
     device: str = "auto"  # auto = CUDA when present, else CPU
     threads: int = 2  # torch intra-op threads on CPU
     batch_size: int = 64
@@ -77,24 +106,21 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class TeachersConfig:
+class TeachersConfig(_Recorded):
     archs: tuple[str, ...] = TEACHER_ARCHS
     epochs: int = 10
     lr: float = 0.003
-    weights: dict[str, str] = field(default_factory=dict)  # optional local weights file per arch
 
     def check(self) -> None:
         _require(len(self.archs) >= 1, "teachers.archs", list(self.archs), "at least one name")
         for arch in self.archs:
             _require(arch in TEACHER_ARCHS, "teachers.archs", arch, f"one of {list(TEACHER_ARCHS)}")
-        for arch in self.weights:
-            _require(arch in self.archs, "teachers.weights", arch, "a key of teachers.archs")
         _require(self.epochs >= 1, "teachers.epochs", self.epochs, ">= 1")
         _require(self.lr > 0, "teachers.lr", self.lr, "> 0")
 
 
 @dataclass(frozen=True)
-class StudentConfig:
+class StudentConfig(_Recorded):
     arch: str = "mobilenet_v3_small_fused"  # integer-fast ops: INT8 faster than FP32 in onnxruntime
     width: float = 0.25  # MobileNetV3 width multiplier
     epochs: int = 20
@@ -114,7 +140,7 @@ class StudentConfig:
 
 
 @dataclass(frozen=True)
-class KDConfig:
+class KDConfig(_Recorded):
     temperature: float = 4.0
     alpha: float = 0.7  # weight of the KD term; 0 = plain cross-entropy
     views: int = 8  # augmented copies of the training set the teachers label once (soft_targets)
@@ -126,7 +152,7 @@ class KDConfig:
 
 
 @dataclass(frozen=True)
-class QATConfig:
+class QATConfig(_Recorded):
     epochs: int = 10
     lr: float = 0.0005
     freeze_bn_epoch: int = 6  # from this epoch on, BN running statistics stay fixed
@@ -142,20 +168,27 @@ class QATConfig:
 
 
 @dataclass(frozen=True)
-class ExportConfig:
+class ExportConfig(_Recorded):
     opset: int = 17
     parity_atol: float = 1e-3  # max |logit| difference FP32 ONNX vs torch
-    min_int8_agreement: float = 0.95  # top-1 agreement INT8 ONNX vs torch QAT model (a broken export is ~chance)
+    # INT8 ONNX vs the converted integer torch model: two integer engines on the same integers.
+    # They differ only where onnxruntime computes in float what torch computes in integers
+    # (HardSigmoid, global average pooling) and in requantization rounding ties: a few steps of the
+    # output grid (4-6 measured on the demo student; params.yaml). Other ranges give 20+.
+    int8_logit_tolerance_steps: int = 12  # max |logit| difference, in steps of the INT8 output grid
+    min_int8_agreement: float = 0.97  # top-1 agreement on val
 
     def check(self) -> None:
         _require(13 <= self.opset <= 21, "export.opset", self.opset, "13..21")
         _require(self.parity_atol > 0, "export.parity_atol", self.parity_atol, "> 0")
+        _require(self.int8_logit_tolerance_steps >= 0, "export.int8_logit_tolerance_steps",
+                 self.int8_logit_tolerance_steps, ">= 0")
         _require(0 <= self.min_int8_agreement <= 1, "export.min_int8_agreement",
                  self.min_int8_agreement, "0..1")
 
 
 @dataclass(frozen=True)
-class BenchConfig:
+class BenchConfig(_Recorded):
     threads: int = 1  # onnxruntime intra-op threads for latency
     warmup: int = 50
     runs: int = 300  # timed batch-1 runs for p50/p90
@@ -169,8 +202,8 @@ class BenchConfig:
 
 
 @dataclass(frozen=True)
-class Params:
-    seed: int = 42  # the one seed that seeds everything
+class Params(_Recorded):
+    seed: int = 42  # training: initialisation, batch order, augmentation (teachers derive their own)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     teachers: TeachersConfig = field(default_factory=TeachersConfig)
@@ -257,6 +290,13 @@ def params_from_dict(raw: dict) -> Params:
     return params
 
 
+_SECTION_PREFIX: dict[type, str] = {Params: "", **{
+    hint: f"{name}." for name, hint in get_type_hints(Params).items() if dataclasses.is_dataclass(hint)}}
+_LEAVES: dict[type, frozenset[str]] = {
+    cls: frozenset(name for name, hint in get_type_hints(cls).items() if not dataclasses.is_dataclass(hint))
+    for cls in _SECTION_PREFIX}
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     try:
@@ -267,7 +307,9 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ParamError(f"params: {path} is not valid YAML: {err}") from None
     if raw is not None and not isinstance(raw, dict):
         raise ParamError(f"params: {path} must hold a mapping at top level")
-    return params_from_dict(raw or {})
+    params = params_from_dict(raw or {})
+    _READ.clear()  # validation reads every field; what counts is what the caller reads next
+    return params
 
 
 def as_dict(section: Any) -> dict:

@@ -8,6 +8,7 @@ killed stage continues from its last finished epoch with identical results.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -20,6 +21,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.ao.quantization import FakeQuantizeBase
 from tqdm import tqdm
 
 from .augment import augment_batch, normalize, resize_batch
@@ -56,6 +58,9 @@ class FitSetup:
     fingerprint: str = ""  # identity of params + data; a resume file with another one is stale
     bn_recalibration: bool = True  # re-estimate BN statistics before each validation (see below)
     input_size: int | None = None  # model input side; images are augmented at cache size, then resized
+    # True: keep the best-val epoch. False: keep the last one, for QAT, whose BN/observer freeze
+    # schedule must reach the weights that are exported (an earlier best-val epoch predates it).
+    select_best: bool = True
 
 
 @dataclass
@@ -135,13 +140,36 @@ def train_one_epoch(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Op
     return stats
 
 
+@contextlib.contextmanager
+def evaluation_mode(model: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """eval() with every fake-quant observer off for the duration; both restored afterwards.
+
+    PyTorch's FakeQuantize updates its ranges on every forward pass while its observer is enabled,
+    in eval mode too: evaluating a QAT model on val images would move its INT8 grid towards them
+    (val leaking into the model) and make it a moving reference for export checks.
+    """
+    if not isinstance(model, nn.Module):
+        yield
+        return
+    was_training = model.training
+    quantizers = [m for m in model.modules() if isinstance(m, FakeQuantizeBase)]
+    flags = [m.observer_enabled.clone() for m in quantizers]
+    model.eval()
+    for m in quantizers:
+        m.disable_observer()
+    try:
+        yield
+    finally:
+        for m, flag in zip(quantizers, flags):
+            m.observer_enabled.copy_(flag)
+        model.train(was_training)
+
+
 def predict_logits(fn: Callable[[Tensor], Tensor], images: Tensor, mean: Sequence[float],
                    std: Sequence[float], batch_size: int, device: torch.device) -> Tensor:
     """Logits (N, C) for uint8 images (N, 3, H, W), without augmentation, on CPU."""
-    if isinstance(fn, nn.Module):
-        fn.eval()
     outs = []
-    with torch.inference_mode():
+    with evaluation_mode(fn), torch.inference_mode():
         for start in range(0, len(images), batch_size):
             x = normalize(images[start:start + batch_size].to(device), mean, std)
             outs.append(fn(x).float().cpu())
@@ -226,7 +254,7 @@ class _Progress:
 def fit(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, scheduler: Any,
         train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], setup: FitSetup,
         on_epoch_start: Callable[[int], None] | None = None, batches: BatchSource | None = None) -> FitResult:
-    """Train for `setup.epochs`, keep the best-val-accuracy weights, load them into `model`.
+    """Train for `setup.epochs`, keep the best-val-accuracy (or the last) weights, load them into `model`.
 
     `batches(epoch, generator)` replaces the default source (augmented `train` batches), e.g. with
     the stored views and teacher logits of distillation; `train` then serves BN re-estimation only.
@@ -241,7 +269,9 @@ def fit(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, sch
     model.to(setup.device)
     val = (resize_batch(val[0], setup.input_size), val[1])
     progress = _restore(model, optimizer, scheduler, setup)
-    live = _open_live(setup.live_dir, resumed=progress.next_epoch > 0)
+    live = _open_live(setup.live_dir)
+    for row in progress.history:  # a resumed run: DVC deleted the stage's outputs before rerunning it
+        _log_live(live, row)
     steps = steps_per_epoch(len(train[0]), setup.batch_size)
     for epoch in range(progress.next_epoch, setup.epochs):
         if on_epoch_start is not None:
@@ -256,7 +286,8 @@ def fit(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, sch
         val_stats = evaluate(model, *val, setup.mean, setup.std, setup.eval_batch_size, setup.device)
         row = {"epoch": epoch, **stats, "val_acc": val_stats["acc"], "val_loss": val_stats["loss"], "lr": lr}
         progress.history.append(row)
-        if val_stats["acc"] > progress.best_val_acc:  # ties keep the earlier, less trained epoch
+        # Ties keep the earlier, less trained epoch; without selection every epoch replaces the last.
+        if val_stats["acc"] > progress.best_val_acc or not setup.select_best:
             progress.best_val_acc, progress.best_epoch = val_stats["acc"], epoch
             progress.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         progress.next_epoch = epoch + 1
@@ -286,13 +317,17 @@ def _result(progress: _Progress) -> FitResult:
                      train_images_per_s=images / seconds if seconds else math.nan, train_seconds=seconds)
 
 
-def _open_live(live_dir: str | Path | None, resumed: bool):
-    """dvclive logger that never touches dvc.yaml: the stage declares its folder as an output."""
+def _open_live(live_dir: str | Path | None):
+    """A fresh dvclive logger that never touches dvc.yaml: the stage declares its folder as an output.
+
+    Always fresh: a resumed run replays its finished epochs from the resume file, so the curves are
+    complete although DVC deleted the folder (a declared output) before rerunning the stage.
+    """
     if live_dir is None:
         return None
     from dvclive import Live  # imported lazily: slow to import, unused by library callers
 
-    return Live(str(live_dir), resume=resumed, dvcyaml=False, save_dvc_exp=False)
+    return Live(str(live_dir), resume=False, dvcyaml=False, save_dvc_exp=False)
 
 
 def _log_live(live, row: dict[str, float]) -> None:
@@ -339,16 +374,28 @@ def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
     return progress
 
 
-def setup_from_params(params: Any, info: Any, device: torch.device, epochs: int,
+def resume_file(live_dir: str | Path) -> Path:
+    """`<live dir>.resume.pt`, beside the dvclive folder and outside every declared output: DVC deletes
+    a stage's outputs before running it (none are `persist`, so the run-cache works), and a resume
+    file inside one would be gone exactly when it is needed."""
+    live_dir = Path(live_dir)
+    return live_dir.with_name(live_dir.name + ".resume.pt")
+
+
+def setup_from_params(params: Any, info: Any, device: torch.device, epochs: int, seed: int,
                       live_dir: str | Path | None, fingerprint_: str, bn_recalibration: bool = True,
-                      input_size: int | None = None) -> FitSetup:
-    """FitSetup from params.yaml's `train` section; the resume file lives in the dvclive folder,
-    which DVC keeps between runs (`persist: true`) and which holds no other model file."""
+                      input_size: int | None = None, select_best: bool = True) -> FitSetup:
+    """FitSetup from params.yaml's `train` section and the stage's own seed stream.
+
+    Without best-epoch selection there is nothing to stop early for, so `train.patience` is not read.
+    """
     return FitSetup(
         epochs=epochs, batch_size=params.train.batch_size, eval_batch_size=params.train.eval_batch_size,
-        seed=params.seed, mean=info.mean, std=info.std, device=device, patience=params.train.patience,
-        live_dir=live_dir, resume_path=None if live_dir is None else Path(live_dir) / "resume.pt",
+        seed=seed, mean=info.mean, std=info.std, device=device,
+        patience=params.train.patience if select_best else 0,
+        live_dir=live_dir, resume_path=None if live_dir is None else resume_file(live_dir),
         fingerprint=fingerprint_, bn_recalibration=bn_recalibration, input_size=input_size,
+        select_best=select_best,
     )
 
 

@@ -20,7 +20,9 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from .bench import Runner, ort_session
+from .bench import Runner, make_runner, ort_session
+from .config import ExportConfig
+from .engine import evaluation_mode
 from .errors import UserError
 from .images import RESIZE_METHOD
 
@@ -137,19 +139,67 @@ def conv_kernels(path: str | Path) -> dict[str, int]:
         ops = Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
     return {"integer": sum(ops[o] for o in INTEGER_CONVS), "float": sum(ops[o] for o in FLOAT_CONVS)}
 
-
 @torch.no_grad()
 def compare(model: nn.Module, run: Runner, images: torch.Tensor, batch: int = 256) -> dict[str, float]:
-    """Max |logit| difference and top-1 agreement between a torch model and an ONNX runner."""
-    model.eval()
+    """Max |logit| difference and top-1 agreement between a torch model and an ONNX runner.
+
+    The torch model runs in `evaluation_mode`: a fake-quant reference must not move its ranges
+    while it is being compared.
+    """
     max_diff, agree = 0.0, 0
-    for start in range(0, len(images), batch):
-        x = images[start:start + batch]  # (B, 3, H, W) float, normalised
-        ref = model(x).float().numpy()
-        out = run(x.numpy())
-        max_diff = max(max_diff, float(np.abs(ref - out).max()))
-        agree += int((ref.argmax(1) == out.argmax(1)).sum())
+    with evaluation_mode(model):
+        for start in range(0, len(images), batch):
+            x = images[start:start + batch]  # (B, 3, H, W) float, normalised
+            ref = model(x).float().numpy()
+            out = run(x.numpy())
+            max_diff = max(max_diff, float(np.abs(ref - out).max()))
+            agree += int((ref.argmax(1) == out.argmax(1)).sum())
     return {"max_abs_diff": max_diff, "top1_agreement": agree / len(images), "images": len(images)}
+
+
+def output_step(path: str | Path) -> float:
+    """The step of the INT8 grid the logits come out on: the scale of the graph's last DequantizeLinear."""
+    graph = onnx.load(str(path)).graph
+    producer = next((n for n in graph.node if OUTPUT_NAME in n.output), None)
+    if producer is None or producer.op_type != "DequantizeLinear":
+        raise UserError(f"{path}: {OUTPUT_NAME!r} does not come from a DequantizeLinear; not an INT8 export")
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    return float(inits[producer.input[1]])
+
+
+def check_fp32_export(model: nn.Module, path: str | Path, images: torch.Tensor, cfg: ExportConfig) -> dict:
+    """Parity of an FP32 ONNX file with its torch model on real images; raises when it is off."""
+    parity = compare(model, make_runner(path), images)
+    require(parity["max_abs_diff"] <= cfg.parity_atol, path,
+            f"max |logit| diff vs torch {parity['max_abs_diff']:.2e} > export.parity_atol={cfg.parity_atol}")
+    return parity
+
+
+def check_int8_export(int8_model: nn.Module, fake_quant: nn.Module, path: str | Path, images: torch.Tensor,
+                      cfg: ExportConfig) -> dict:
+    """The gates an INT8 file must pass, on real images; raises on the first that fails.
+
+    - every Conv runs as an integer kernel in onnxruntime (a float Conv is a broken export);
+    - against the converted integer torch model, the same integers in another engine: top-1
+      agreement >= export.min_int8_agreement and max |logit| difference within
+      export.int8_logit_tolerance_steps steps of the output grid.
+    The fake-quant model's agreement is reported, not gated: fake-quant simulates requantization in
+    float, and its distance from either integer engine is a property of QAT, not of the export.
+    """
+    convs = conv_kernels(path)
+    require(convs["float"] == 0, path, f"{convs['float']} Conv(s) still run in float in onnxruntime")
+    runner = make_runner(path)
+    vs_int8 = compare(int8_model, runner, images)
+    step = output_step(path)
+    vs_int8["max_abs_diff_steps"] = vs_int8["max_abs_diff"] / step
+    require(vs_int8["top1_agreement"] >= cfg.min_int8_agreement, path,
+            f"top-1 agreement with the integer torch model {vs_int8['top1_agreement']:.4f} < "
+            f"export.min_int8_agreement={cfg.min_int8_agreement}")
+    require(vs_int8["max_abs_diff_steps"] <= cfg.int8_logit_tolerance_steps, path,
+            f"max |logit| diff vs the integer torch model {vs_int8['max_abs_diff_steps']:.1f} output steps > "
+            f"export.int8_logit_tolerance_steps={cfg.int8_logit_tolerance_steps}")
+    return {"parity_int8_torch": vs_int8, "parity_fake_quant": compare(fake_quant, runner, images),
+            "output_step": step, "conv_kernels": convs}
 
 
 

@@ -126,10 +126,27 @@ def _hardswish_to_relu(model: nn.Module) -> nn.Module:
     return model
 
 
+WEIGHT_SUFFIXES = (".pt", ".pth")
+
+
+def local_weights(folder: str | Path | None) -> Path | None:
+    """The one weights file (`*.pt`/`*.pth`) in a teacher's init folder, or None to train from scratch.
+
+    A folder rather than a path in params: `dvc.yaml` declares each teacher's folder as a dependency,
+    so dropping a file in (or replacing it) reruns exactly that teacher.
+    """
+    if folder is None or not Path(folder).is_dir():
+        return None
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    if len(files) > 1:
+        raise UserError(f"{folder}: holds {len(files)} weights files {[p.name for p in files]}; keep one")
+    return files[0] if files else None
+
+
 def _load_backbone(model: nn.Module, arch: str, path: Path) -> None:
     """Load a local state dict into everything but the head; refuse anything else that mismatches."""
     if not path.is_file():
-        raise UserError(f"params: teachers.weights.{arch}: file not found: {path}")
+        raise UserError(f"{path}: teacher weights file not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable/unsafe file is the user's to fix

@@ -73,20 +73,48 @@ def set_qat_phase(model: nn.Module, epoch: int, freeze_bn_epoch: int, freeze_obs
     model.apply(nniqat.update_bn_stats if epoch < freeze_bn_epoch else nniqat.freeze_bn_stats)
 
 
+def freeze_qat(model: nn.Module) -> nn.Module:
+    """Observers off and BN statistics fixed for good: the state that is saved, converted, exported.
+
+    A model in this state gives the same logits on every call, whatever it has seen before.
+    """
+    model.apply(disable_observer)
+    model.apply(nniqat.freeze_bn_stats)
+    return model
+
+
 def convert(qat_model: nn.Module) -> torch.fx.GraphModule:
     """Integer torch model (quantized kernels) from a fake-quant model; the input is left untouched."""
     torch.backends.quantized.engine = BACKEND
     model = copy.deepcopy(qat_model).cpu().eval()
     with warnings.catch_warnings():  # "quantized tensor creation is deprecated" per layer
         warnings.simplefilter("ignore")
-        return convert_fx(model)
+        integer = convert_fx(model)
+    integer.register_forward_pre_hook(_determinism_alerts_off)
+    integer.register_forward_hook(_determinism_alerts_back, always_call=True)
+    return integer
+
+
+def _determinism_alerts_off(module: nn.Module, args: tuple) -> None:
+    """The quantized kernels allocate their outputs with `quantized_resize_cpu_`, which PyTorch flags
+    under `use_deterministic_algorithms` for want of a deterministic variant although it computes
+    nothing. The alert comes from intra-op worker threads, where no Python warning filter reaches
+    it: hundreds of stderr lines per stage. Alerts are off while the integer model runs, only."""
+    module._determinism = (torch.are_deterministic_algorithms_enabled(),
+                           torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(False)
+
+
+def _determinism_alerts_back(module: nn.Module, args: tuple, output: object) -> None:
+    enabled, warn_only = module._determinism
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
 def rebuild_qat(fp32_model: nn.Module, image_size: int, state_dict: dict) -> torch.fx.GraphModule:
-    """Fake-quant model from an architecture and a saved QAT state dict (ranges included)."""
+    """Frozen fake-quant model from an architecture and a saved QAT state dict (ranges included)."""
     model = prepare_qat(fp32_model, image_size)
     model.load_state_dict(state_dict)
-    return model.eval()
+    return freeze_qat(model).eval()
 
 
 def load_qat_model(path: str | Path) -> tuple[torch.fx.GraphModule, dict]:

@@ -104,12 +104,34 @@ def misses_section(results: dict) -> list[str]:
     ]
 
 
+def int8_export_section(results: dict) -> list[str]:
+    """How closely the INT8 file follows the integer torch model it was converted from (export stage)."""
+    checks = results.get("int8_export")
+    if not checks:  # reports written before the export stage measured it
+        return []
+    rows = [{"split": split, "images": c["images"], "agreement": c["top1_agreement"],
+             "max_diff": c["max_abs_diff"], "steps": c["max_abs_diff"] / checks["output_step"]}
+            for split, c in (("val (gated)", checks["parity_int8_torch"]),
+                             ("test (reported)", checks["parity_int8_torch_test"]))]
+    return [
+        "## INT8 file vs the integer torch model",
+        "onnxruntime running the INT8 file against PyTorch's converted integer model (the same integers "
+        f"in two engines); output grid step {checks['output_step']:.4g}. Fake-quant model vs the file on val: "
+        f"top-1 agreement {checks['parity_fake_quant']['top1_agreement']:.4f}.",
+        "",
+        markdown_table(rows, [("split", "split"), ("images", "images"), ("agreement", "top-1 agreement"),
+                              ("max_diff", "max abs logit diff"), ("steps", "in output steps")]),
+        "",
+    ]
+
+
 def render_markdown(results: dict) -> str:
     machine = results["machine"]
     parts = [
         "# Benchmark: distilled, quantized rice classifier vs the seed models",
         "",
         f"Command: `{results['command']}`  ",
+        *([f"Commit: {results['commit']}  "] if "commit" in results else []),
         f"Date: {results['date']}  ",
         f"Machine: {machine['cpu']}, {machine['cores']} cores{simd_text(machine)}; " + ", ".join(
             f"{k} {v}" for k, v in machine["versions"].items()),
@@ -128,6 +150,7 @@ def render_markdown(results: dict) -> str:
         "",
         *[f"- {note}" for note in results.get("notes", [])],
         "",
+        *int8_export_section(results),
         *misses_section(results),
         "## Student variants (accuracy / latency / size trade-off)",
         "",

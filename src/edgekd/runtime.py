@@ -1,9 +1,12 @@
-"""Process-wide set-up shared by every stage: one seed, the device, CPU threads, one-line errors."""
+"""Process-wide set-up shared by every stage: seeds, determinism, the device, CPU threads,
+one-line errors, and the record of which params a stage read."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import random
 import sys
 from pathlib import Path
@@ -12,18 +15,43 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import config
 from .errors import UserError
 
 log = logging.getLogger("edgekd")
 
+# Set to a folder, every stage writes there which params keys it read (tests/test_dvc_contract.py
+# compares them with the stage's `params:` in dvc.yaml).
+PARAMS_TRACE_ENV = "EDGEKD_PARAMS_TRACE"
+
+
+def stream_seed(seed: int, name: str) -> int:
+    """A seed of its own for `name` (e.g. 'teacher/resnet18'), derived from the training seed.
+
+    Teachers seeded alike would see the same batch order and augmentations, which makes the
+    ensemble less diverse; a hash keeps the streams apart and still fixed by `seed`.
+    """
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:4], "little")
+
 
 def seed_everything(seed: int) -> torch.Generator:
-    """Seed python, numpy and torch from the one params.yaml seed; returns a CPU generator."""
+    """Seed python, numpy and torch; returns a CPU generator."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
     return torch.Generator().manual_seed(seed)
+
+
+def configure_determinism() -> None:
+    """Deterministic kernels where PyTorch has them.
+
+    Bit-identical results hold on one CPU kind: float kernels differ between instruction sets
+    (AVX2 vs AVX512-VNNI), and so do the training trajectories. On CUDA this is best effort:
+    `warn_only` stays on because some backward kernels the models use (adaptive average pooling)
+    have no deterministic CUDA version; cuBLAS gets the workspace setting its determinism needs.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def select_device(name: str, threads: int) -> torch.device:
@@ -40,11 +68,23 @@ def select_device(name: str, threads: int) -> torch.device:
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's main(); a UserError becomes one line on stderr and exit status 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    configure_determinism()
     try:
         main()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    _write_params_trace()
+
+
+def _write_params_trace() -> None:
+    folder = os.environ.get(PARAMS_TRACE_ENV)
+    if not folder:
+        return
+    record = {"argv": sys.argv[1:], "params": sorted(config.read_keys())}
+    name = hashlib.sha256(json.dumps(record["argv"]).encode()).hexdigest()[:16]
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / f"{name}.json").write_text(json.dumps(record))
 
 
 def write_metrics(path: str | Path, metrics: dict) -> None:

@@ -15,7 +15,7 @@ from src.edgekd.config import load_params
 from src.edgekd.data import load_info, load_split
 from src.edgekd.errors import UserError
 from src.edgekd.export import read_metadata
-from src.edgekd.runtime import run_stage, seed_everything, write_metrics
+from src.edgekd.runtime import run_stage, write_metrics
 
 log = logging.getLogger("edgekd")
 
@@ -45,7 +45,6 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
     p = load_params(args.params)
-    seed_everything(p.seed)
     images, labels = load_split(args.data, "test")
     classes, labels = load_info(args.data).classes, labels.numpy()
 

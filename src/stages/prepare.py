@@ -22,9 +22,9 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
     params = load_params(args.params)
-    seed_everything(params.seed)
+    seed_everything(params.data.split_seed)
 
-    result = prepare_dataset(args.root, args.out, params.data, params.seed)
+    result = prepare_dataset(args.root, args.out, params.data, params.data.split_seed)
 
     write_metrics(args.metrics, result.metrics)
     plots = Path(args.plots)

@@ -1,5 +1,10 @@
 """Stage `qat`: fine-tune the distilled student with INT8 fake-quant (CE + KD on the stored teacher
-logits of the training views, as in distill), save it for export."""
+logits of the training views, as in distill), save it for export.
+
+The last epoch is kept, not the best on val: BN statistics and ranges freeze late in the schedule,
+and the exported model must be the one that went through it. Validation never moves a range
+(engine.evaluation_mode), and the saved model has its observers off and BN frozen.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from src.edgekd.ckpt import load_model, model_payload, save_checkpoint
 from src.edgekd.config import as_dict, load_params
 from src.edgekd.data import load_info, load_split
 from src.edgekd.losses import kd_loss_fn
-from src.edgekd.quant import convert, prepare_qat, set_qat_phase
+from src.edgekd.quant import convert, freeze_qat, prepare_qat, set_qat_phase
 from src.edgekd.runtime import run_stage, seed_everything, select_device, write_metrics
 from src.edgekd.soft_targets import load_soft_targets, view_batches
 
@@ -47,24 +52,28 @@ def main() -> None:
     def on_epoch_start(epoch: int) -> None:
         set_qat_phase(model, epoch, p.qat.freeze_bn_epoch, p.qat.freeze_observer_epoch)
 
-    run_id = engine.fingerprint(as_dict(p.qat), as_dict(p.kd), as_dict(p.train), p.seed, size, targets["logits"],
-                                *payload["state_dict"].values(), train[1], val[1])
+    t = p.train
+    run_id = engine.fingerprint(as_dict(p.qat), p.kd.temperature, p.kd.alpha, t.threads, t.batch_size,
+                                t.eval_batch_size, t.weight_decay, t.label_smoothing, p.seed, size,
+                                targets["logits"], *payload["state_dict"].values(), train[1], val[1])
     # BN statistics are frozen on schedule in QAT: no re-estimation before validation.
-    setup = engine.setup_from_params(p, info, device, p.qat.epochs, args.live, run_id, bn_recalibration=False,
-                                     input_size=size)
-    result = engine.train_model(model, loss_fn, p.qat.lr, p.train.weight_decay, train, val, setup, on_epoch_start,
+    setup = engine.setup_from_params(p, info, device, p.qat.epochs, p.seed, args.live, run_id,
+                                     bn_recalibration=False, input_size=size, select_best=False)
+    result = engine.train_model(model, loss_fn, p.qat.lr, t.weight_decay, train, val, setup, on_epoch_start,
                                 batches=view_batches(*train, targets, setup))
-    int8_acc = engine.evaluate(convert(model), *val, info.mean, info.std, p.train.eval_batch_size)["acc"]
+    freeze_qat(model)
+    fake_quant_acc = engine.evaluate(model, *val, info.mean, info.std, t.eval_batch_size)["acc"]
+    int8_acc = engine.evaluate(convert(model), *val, info.mean, info.std, t.eval_batch_size)["acc"]
 
     spec = payload["model"]
     save_checkpoint(args.out, model_payload(model, spec["arch"], spec["width"],
                                             dataclasses.replace(info, image_size=size), qat=as_dict(p.qat)))
-    metrics = {"val_acc_fake_quant": result.best_val_acc, "val_acc_int8_torch": int8_acc,
+    metrics = {"val_acc_fake_quant": fake_quant_acc, "val_acc_int8_torch": int8_acc,
                "val_acc_fp32_start": engine.evaluate(student, *val, info.mean, info.std)["acc"],
-               "best_epoch": result.best_epoch, "train_seconds": result.train_seconds}
+               "epochs_run": result.epochs_run, "train_seconds": result.train_seconds}
     write_metrics(args.metrics, metrics)
     log.info("qat: val acc fp32 %.4f -> fake-quant %.4f, int8 torch %.4f", metrics["val_acc_fp32_start"],
-             result.best_val_acc, int8_acc)
+             fake_quant_acc, int8_acc)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def main() -> None:
     model = build_model(cfg.arch, len(info.classes), cfg.width)
     size = cfg.image_size or info.image_size
     run_id = fingerprint(args.mode, params.seed, as_dict(params.train), as_dict(cfg), *kd_id, *train, *val)
-    setup = setup_from_params(params, info, device, cfg.epochs, args.live, run_id, input_size=size)
+    setup = setup_from_params(params, info, device, cfg.epochs, params.seed, args.live, run_id, input_size=size)
     loss_fn, batches = student_objective(params, train, setup, targets)
 
     result = train_model(model, loss_fn, cfg.lr, params.train.weight_decay, train, val, setup, batches=batches)

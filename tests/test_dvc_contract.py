@@ -1,0 +1,199 @@
+"""What dvc.yaml promises about every stage, checked against the code and against a real run.
+
+DVC reruns a stage only when something it declares changes, and restores an earlier setting's outputs
+from its run-cache only for stages without `persist` outputs. So:
+- each stage's code deps are exactly its import closure inside the project (every project module the
+  entry point imports, directly or not), computed here from the source with `ast`;
+- each stage's params are exactly the keys it read in the tiny project's `dvc repro` (recorded by
+  src/edgekd/config.py, written by runtime.run_stage when EDGEKD_PARAMS_TRACE is set);
+- no output is `persist`, and returning to an earlier setting restores every stage from the run-cache.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+from dvc.repo import Repo
+from tiny_pipeline import PARAMS_TRACE, REPRO_LOG, set_params, sh
+
+from src.edgekd.config import _LEAVES, _SECTION_PREFIX
+from src.edgekd.runtime import stream_seed
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("src",)  # the project's importable code
+
+
+def module_path(name: str) -> Path | None:
+    """`src.edgekd.engine` -> src/edgekd/engine.py; None for modules outside the project or packages."""
+    if name.split(".")[0] not in PACKAGES:
+        return None
+    path = REPO / Path(*name.split(".")).with_suffix(".py")
+    return path if path.is_file() else None
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module an `import` in `path` names (absolute, relative, `from pkg import module`)."""
+    package = ".".join(path.relative_to(REPO).with_suffix("").parts[:-1])
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import module`
+    return names
+
+
+def import_closure(entry: str) -> set[str]:
+    """Repo-relative paths of the project modules `python -m entry` loads (package __init__s aside)."""
+    todo, seen = [module_path(entry)], set()
+    while todo:
+        path = todo.pop()
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        todo.extend(module_path(name) for name in imported_modules(path))
+    return {str(p.relative_to(REPO)) for p in seen if p.name != "__init__.py"}
+
+
+def stages(repo: Path = REPO) -> list:
+    return [s for s in Repo(str(repo)).index.stages if s.cmd]
+
+
+def entry_module(cmd: str) -> str:
+    args = shlex.split(cmd)
+    assert args[:2] == ["python", "-m"], f"stage command does not run a module: {cmd}"
+    return args[2]
+
+
+def declared_code(stage) -> set[str]:
+    return {d.def_path for d in stage.deps if d.def_path.endswith(".py")}
+
+
+def declared_params(stage) -> set[str]:
+    """Declared params keys, sections expanded to their fields (`train` -> train.device, ...)."""
+    keys = set()
+    for dep in stage.deps:
+        for key in getattr(dep, "params", None) or []:
+            section = next((cls for cls, prefix in _SECTION_PREFIX.items() if prefix == f"{key}."), None)
+            keys.update(f"{key}.{leaf}" for leaf in _LEAVES[section]) if section else keys.add(key)
+    return keys
+
+
+def test_closure_follows_relative_and_from_package_imports():
+    closure = import_closure("src.stages.qat")
+    # runtime.py imports config with `from . import config`; qat imports `from src.edgekd import engine`
+    assert {"src/stages/qat.py", "src/edgekd/engine.py", "src/edgekd/runtime.py", "src/edgekd/config.py",
+            "src/edgekd/errors.py"} <= closure
+    assert not any(p.endswith("__init__.py") for p in closure)
+
+
+def test_package_inits_hold_no_code():
+    """They are left out of the closures, which is only right while they run nothing."""
+    for init in REPO.glob("src/**/__init__.py"):
+        body = ast.parse(init.read_text()).body
+        assert all(isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) for n in body), init
+
+
+@pytest.mark.parametrize("stage", stages(), ids=lambda s: s.addressing)
+def test_code_deps_are_the_import_closure(stage):
+    closure = import_closure(entry_module(stage.cmd))
+    declared = declared_code(stage)
+    assert not closure - declared, f"{stage.addressing}: imports but does not declare {sorted(closure - declared)}"
+    assert not declared - closure, f"{stage.addressing}: declares but does not import {sorted(declared - closure)}"
+
+
+def test_no_output_is_persist():
+    """DVC turns its run-cache off for a stage with any `persist: true` output."""
+    persisted = [f"{s.addressing}: {o.def_path}" for s in stages() for o in s.outs if o.persist]
+    assert not persisted, persisted
+
+
+def test_every_param_a_stage_reads_is_declared_and_nothing_else(tiny_repo_template: Path):
+    traces = [json.loads(p.read_text()) for p in (tiny_repo_template.parent / PARAMS_TRACE).glob("*.json")]
+    by_args = {tuple(t["argv"]): set(t["params"]) for t in traces}
+    checked = 0
+    for stage in stages(tiny_repo_template):  # this dvc.yaml, with the tiny project's data.root
+        args = tuple(shlex.split(stage.cmd)[3:])
+        assert args in by_args, f"{stage.addressing}: no params trace for {args}"
+        read, declared = by_args[args], declared_params(stage)
+        assert not read - declared, f"{stage.addressing}: reads undeclared params {sorted(read - declared)}"
+        assert not declared - read, f"{stage.addressing}: declares params it never reads {sorted(declared - read)}"
+        checked += 1
+    assert checked == len(stages()) == len(traces)
+
+
+def test_declared_params_expand_sections_only():
+    """The expansion above would hide a typo'd section name; every declared key must exist."""
+    known = {f"{prefix}{leaf}" for cls, prefix in _SECTION_PREFIX.items() for leaf in _LEAVES[cls]}
+    for stage in stages():
+        assert declared_params(stage) <= known, (stage.addressing, sorted(declared_params(stage) - known))
+
+
+def test_quick_start_prints_no_library_warnings(tiny_repo_template: Path):
+    log = (tiny_repo_template.parent / REPRO_LOG).read_text()
+    assert "Running stage 'evaluate'" in log
+    noisy = [line for line in log.splitlines() if "Warning" in line or "warnings.warn" in line]
+    assert not noisy, noisy[:5]
+
+
+def _output_md5s(repo: Path) -> dict[str, str]:
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return {f"{name}:{out['path']}": out["md5"] for name, stage in lock["stages"].items()
+            for out in stage.get("outs", [])}
+
+
+def _file_md5s(repo: Path, folders=("models", "metrics", "plots", "dvclive")) -> dict[str, str]:
+    return {str(p.relative_to(repo)): hashlib.md5(p.read_bytes()).hexdigest()
+            for d in folders for p in sorted((repo / d).rglob("*")) if p.is_file()}
+
+
+STUDENT_STAGES = ("baseline", "distill", "qat", "export", "evaluate")
+
+
+def test_going_back_restores_every_student_stage_from_the_run_cache(tiny_repo: Path):
+    before_lock, before_files = _output_md5s(tiny_repo), _file_md5s(tiny_repo)
+
+    sh("dvc", "exp", "run", "-S", "student.width=0.5", cwd=tiny_repo)
+    assert _output_md5s(tiny_repo) != before_lock  # the experiment really changed the students
+    set_params(tiny_repo, {"student": {"width": 0.25}})
+    proc = sh("dvc", "repro", cwd=tiny_repo)
+
+    output = proc.stdout + proc.stderr
+    for name in STUDENT_STAGES:
+        assert f"Stage '{name}' is cached - skipping run, checking out outputs" in output, (name, output)
+    assert "Running stage" not in output and "epoch" not in output.lower()  # nothing trained
+    assert _output_md5s(tiny_repo) == before_lock
+    assert _file_md5s(tiny_repo) == before_files  # byte-identical, git-tracked metrics and curves too
+
+
+def _would_run(repo: Path) -> set[str]:
+    """Stages `dvc repro --dry` would run because something they declare changed."""
+    return set(re.findall(r"Running stage '([^']+)'", sh("dvc", "repro", "--dry", cwd=repo).stdout))
+
+
+def test_training_seed_never_resplits_and_split_seed_does(tiny_repo: Path):
+    trained = {s.name for s in stages(tiny_repo) if "seed" in declared_params(s)}
+    assert "prepare" not in trained and {"baseline", "distill", "qat", "train_teacher@resnet18"} <= trained
+    set_params(tiny_repo, {"seed": 1})
+    assert _would_run(tiny_repo) == trained
+    set_params(tiny_repo, {"seed": 42, "data": {"split_seed": 1}})
+    assert _would_run(tiny_repo) == {"prepare"}
+
+
+def test_each_teacher_has_its_own_seed_stream():
+    seeds = {arch: stream_seed(42, f"teacher/{arch}") for arch in ("resnet18", "mobilenet_v2", "densenet121")}
+    assert len(set(seeds.values())) == 3 and 42 not in seeds.values()
+    assert seeds == {arch: stream_seed(42, f"teacher/{arch}") for arch in seeds}  # fixed by the seed
+    assert stream_seed(1, "teacher/resnet18") != seeds["resnet18"]
