@@ -6,7 +6,7 @@ PIP_STAMP := .deps-installed
 
 # Install the pinned requirements once per change of requirements.txt.
 $(PIP_STAMP): requirements.txt
-	$(PYTHON) -m pip install -q -r requirements.txt
+	$(PYTHON) -m pip install -q --root-user-action=ignore -r requirements.txt
 	touch $(PIP_STAMP)
 
 deps: $(PIP_STAMP)

@@ -6,7 +6,7 @@ from torch import nn
 
 from src.edgekd.config import STUDENT_ARCHS, TEACHER_ARCHS
 from src.edgekd.errors import UserError
-from src.edgekd.models import build_model, count_params
+from src.edgekd.models import build_model, count_params, local_weights
 
 
 @pytest.mark.parametrize("arch", TEACHER_ARCHS)
@@ -98,3 +98,17 @@ def test_local_teacher_weights_missing_or_mismatched(tmp_path):
     torch.save(build_model("mobilenet_v2", 5).state_dict(), path)
     with pytest.raises(UserError, match="does not match resnet18"):
         build_model("resnet18", 5, weights=path)
+
+
+def test_a_teachers_init_folder_holds_at_most_one_weights_file(tmp_path):
+    folder = tmp_path / "resnet18"
+    assert local_weights(folder) is None  # no folder: from scratch
+    folder.mkdir()
+    (folder / ".gitkeep").touch()
+    (folder / "notes.txt").write_text("not weights")
+    assert local_weights(folder) is None
+    (folder / "imagenet.pth").write_bytes(b"")
+    assert local_weights(folder) == folder / "imagenet.pth"
+    (folder / "other.pt").write_bytes(b"")
+    with pytest.raises(UserError, match=r"resnet18: holds 2 weights files \['imagenet.pth', 'other.pt'\]; keep one"):
+        local_weights(folder)
