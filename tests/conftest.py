@@ -23,8 +23,8 @@ from typing import Callable
 import pytest
 from shared_data import RICE_SAMPLE, require
 
-from src.edgekd.config import DataConfig
-from src.edgekd.data import prepare_dataset
+from edgekd.config import DataConfig
+from edgekd.data.prepare import prepare_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 RICE_CLASSES = ("Arborio", "Basmati", "Ipsala", "Jasmine", "Karacadag")

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from src.edgekd import augment
-from src.edgekd.augment import augment_batch, normalize, resize_batch
-from src.edgekd.data import load_split
+from edgekd.data.prepared import load_split, normalize, resize_batch
+from edgekd.train import augment
+from edgekd.train.augment import augment_batch
 
 
 @pytest.fixture(scope="module")

@@ -9,21 +9,24 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-
-from src.benchmark import SIMD_FLAGS
-from src.edgekd.augment import normalize
-from src.edgekd.bench import ort_session
-from src.edgekd.ckpt import load_teachers
-from src.edgekd.comparison import missed_images
-from src.edgekd.config import StudentConfig, load_params
-from src.edgekd.data import load_info, load_split
-from src.edgekd.experiments import overrides_to_args, parse_stage_log
-from src.edgekd.images import load_image
-from src.edgekd.report import MAIN_COLUMNS, VARIANT_COLUMNS, format_value, markdown_table
 from shared_data import SEED_MODELS, require
 from tiny_pipeline import sh
 
+from edgekd.config import StudentConfig, load_params
+from edgekd.data.images import load_image
+from edgekd.data.prepared import load_info, load_split, normalize
+from edgekd.deploy.sessions import ort_session
+from edgekd.errors import UserError
+from edgekd.train.checkpoints import load_teachers
+from tools.benchmark.comparison import missed_images
+from tools.benchmark.experiments import overrides_to_args, parse_stage_log
+from tools.benchmark.report import MAIN_COLUMNS, VARIANT_COLUMNS, markdown_table
+from tools.benchmark.run import load_config
+from tools.machine import SIMD_FLAGS
+
 DEFAULT_ARCH = StudentConfig().arch
+REPO = Path(__file__).resolve().parents[1]
+RICE_CONFIG = REPO / "tools/benchmark/rice.yaml"
 
 
 
@@ -45,13 +48,18 @@ def test_stage_log_times_stages_and_lists_skipped():
     assert run.total_s == 21.0
 
 
-def test_format_and_table():
-    assert format_value("accuracy", 0.99804) == "99.80"
-    assert format_value("size_bytes", 130250) == "0.130 MB"
-    assert format_value("size_bytes", 48000) == "48.0 KB"
-    assert format_value("latency_p50_ms", None) == "–"
+def test_table_has_one_cell_per_column():
     table = markdown_table([{"model": "a", "accuracy": 0.5}], MAIN_COLUMNS).splitlines()
     assert len(table) == 3 and table[2].count("|") == len(MAIN_COLUMNS) + 1
+
+
+def test_config_names_a_missing_goal_in_one_line(tmp_path: Path):
+    cfg = yaml.safe_load(RICE_CONFIG.read_text())
+    assert load_config(RICE_CONFIG) == cfg
+    del cfg["goals"]["int8_max_drop"]
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(UserError, match=r"bench.yaml: missing goals.int8_max_drop$"):
+        load_config(tmp_path / "bench.yaml")
 
 
 def test_missed_images_lists_each_wrong_image_once_with_every_answer():
@@ -120,10 +128,11 @@ def test_benchmark_on_tiny_run_writes_report_and_restores_main_run(tiny_repo: Pa
         "seed_models": {"fp32": str(SEED_MODELS / "student_fp32_qat.onnx"),
                         "int8": str(SEED_MODELS / "student_int8_static.onnx"),
                         "image_size": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+        "goals": yaml.safe_load(RICE_CONFIG.read_text())["goals"],
     }
     (tiny_repo / "bench.yaml").write_text(yaml.safe_dump(config))
 
-    sh("python", "-m", "src.benchmark", "--config", "bench.yaml", "--out", "reports", cwd=tiny_repo)
+    sh("python", "-m", "tools.benchmark.run", "--config", "bench.yaml", "--out", "reports", cwd=tiny_repo)
 
     results = json.loads((tiny_repo / "reports/benchmark.json").read_text())
     names = [row["model"] for row in results["main"]]

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from src.edgekd.config import KDConfig, ParamError, Params, as_dict, load_params, params_from_dict
+from edgekd.config import KDConfig, ParamError, Params, as_dict, load_params, params_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 

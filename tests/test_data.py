@@ -13,11 +13,16 @@ import pytest
 import torch
 from PIL import Image
 
-from src.edgekd import data as data_mod
-from src.edgekd.config import DataConfig
-from src.edgekd.data import (SPLITS, DataError, channel_stats, decode_all, group_duplicates,
-                             load_info, load_split, prepare_dataset, scan_tree, split_groups)
-from src.edgekd.images import load_rgb
+from edgekd.config import DataConfig
+from edgekd.data import prepare as prepare_mod
+from edgekd.data.decode import decode_all
+from edgekd.data.dedup import group_duplicates
+from edgekd.data.images import load_rgb
+from edgekd.data.prepare import prepare_dataset
+from edgekd.data.prepared import SPLITS, channel_stats, load_info, load_split
+from edgekd.data.scan import scan_tree
+from edgekd.data.split import split_groups
+from edgekd.errors import DataError
 
 CFG = DataConfig(image_size=32)
 FRACTIONS = {"train": 0.65, "val": 0.15, "test": 0.2}
@@ -300,7 +305,7 @@ def test_cache_limit_fails_before_decoding(small_rice_tree, tmp_path, monkeypatc
     def no_decode(*args, **kwargs):
         raise AssertionError("decoded although the cache cannot fit")
 
-    monkeypatch.setattr(data_mod, "decode_all", no_decode)
+    monkeypatch.setattr(prepare_mod, "decode_all", no_decode)
     cfg = DataConfig(image_size=512, cache_limit_mb=50)  # 100 x 3 x 512 x 512 B = 75 MB
     with pytest.raises(DataError, match="cache needs 75 MB for 100 images .* data.cache_limit_mb=50"):
         prepare_dataset(small_rice_tree, tmp_path / "prepared", cfg, seed=0)

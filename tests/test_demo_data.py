@@ -12,7 +12,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from src.edgekd.demo_data import VARIETIES, generate, render_grain
+from edgekd.data.demo import VARIETIES, generate, render_grain
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def test_regenerated_demo_data_matches_data_dvc(tmp_path):
     """data.dvc pins `data/`, which holds only rice-demo: regenerate it with the defaults."""
     (out,) = yaml.safe_load((REPO / "data.dvc").read_text())["outs"]
     assert out["path"] == "data" and out["hash"] == "md5"
-    subprocess.run([sys.executable, "-m", "src.make_demo_data", "--out",
+    subprocess.run([sys.executable, "-m", "tools.make_demo_data", "--out",
                     str(tmp_path / "data" / "rice-demo")], cwd=REPO, check=True)
     assert dvc_dir_md5(tmp_path / "data") == (out["md5"], out["nfiles"], out["size"])
 

@@ -24,35 +24,37 @@ import yaml
 from dvc.repo import Repo
 from tiny_pipeline import PARAMS_TRACE, REPRO_LOG, set_params, sh
 
-from src.edgekd.config import _LEAVES, _SECTION_PREFIX
-from src.edgekd.runtime import stream_seed
+from edgekd.config import _LEAVES, _SECTION_PREFIX
+from edgekd.runtime import stream_seed
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("src",)  # the project's importable code
+PACKAGES = {"edgekd": REPO / "src", "stages": REPO, "tools": REPO}  # top-level package -> its folder
+
+
+def project_files() -> list[Path]:
+    return [p for top, folder in PACKAGES.items() for p in sorted((folder / top).rglob("*.py"))]
 
 
 def module_path(name: str) -> Path | None:
-    """`src.edgekd.engine` -> src/edgekd/engine.py; None for modules outside the project or packages."""
-    if name.split(".")[0] not in PACKAGES:
+    """`edgekd.train.engine` -> src/edgekd/train/engine.py; None for modules outside the project and
+    for packages."""
+    parts = name.split(".")
+    if parts[0] not in PACKAGES:
         return None
-    path = REPO / Path(*name.split(".")).with_suffix(".py")
+    path = PACKAGES[parts[0]] / Path(*parts).with_suffix(".py")
     return path if path.is_file() else None
 
 
 def imported_modules(path: Path) -> set[str]:
-    """Every module an `import` in `path` names (absolute, relative, `from pkg import module`)."""
-    package = ".".join(path.relative_to(REPO).with_suffix("").parts[:-1])
+    """Every module an `import` in `path` names (`import a.b`, `from a.b import c`, where c may be a
+    module). The project imports absolutely only (test below), so no name is relative."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-                base = f"{parent}.{base}" if base else parent
-            names.add(base)
-            names.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import module`
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
     return names
 
 
@@ -92,17 +94,32 @@ def declared_params(stage) -> set[str]:
     return keys
 
 
-def test_closure_follows_relative_and_from_package_imports():
-    closure = import_closure("src.stages.qat")
-    # runtime.py imports config with `from . import config`; qat imports `from src.edgekd import engine`
-    assert {"src/stages/qat.py", "src/edgekd/engine.py", "src/edgekd/runtime.py", "src/edgekd/config.py",
+def test_project_code_imports_absolutely():
+    """A relative import would hide a dependency from `imported_modules`."""
+    relative = [f"{p.relative_to(REPO)}:{n.lineno}" for p in project_files()
+                for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.ImportFrom) and n.level]
+    assert not relative, relative
+
+
+def test_library_imports_no_stage_and_no_tooling():
+    """The layout's one rule: stages/ and tools/ build on edgekd, never the other way round."""
+    library = [p for p in project_files() if p.is_relative_to(PACKAGES["edgekd"] / "edgekd")]
+    wrong = [f"{p.relative_to(REPO)} imports {name}" for p in library for name in imported_modules(p)
+             if name.split(".")[0] in ("stages", "tools")]
+    assert library and not wrong, wrong
+
+
+def test_closure_follows_from_package_imports():
+    closure = import_closure("stages.qat")
+    # runtime.py imports `from edgekd import config`; qat imports `from edgekd.train import engine`
+    assert {"stages/qat.py", "src/edgekd/train/engine.py", "src/edgekd/runtime.py", "src/edgekd/config.py",
             "src/edgekd/errors.py"} <= closure
     assert not any(p.endswith("__init__.py") for p in closure)
 
 
 def test_package_inits_hold_no_code():
     """They are left out of the closures, which is only right while they run nothing."""
-    for init in REPO.glob("src/**/__init__.py"):
+    for init in (p for p in project_files() if p.name == "__init__.py"):
         body = ast.parse(init.read_text()).body
         assert all(isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) for n in body), init
 

@@ -6,12 +6,21 @@ import shutil
 import pytest
 import torch
 
-from src.edgekd.data import load_info, load_split
-from src.edgekd.engine import (FitSetup, evaluate, fingerprint, fit, iterate_batches, make_optimizer, resume_file,
-                               steps_per_epoch, train_one_epoch)
-from src.edgekd.losses import ce_loss_fn
-from src.edgekd.models import build_model
-from src.edgekd.runtime import seed_everything
+from edgekd.data.prepared import load_info, load_split
+from edgekd.runtime import seed_everything
+from edgekd.train.engine import (
+    FitSetup,
+    evaluate,
+    fingerprint,
+    fit,
+    iterate_batches,
+    make_optimizer,
+    resume_file,
+    steps_per_epoch,
+    train_one_epoch,
+)
+from edgekd.train.losses import ce_loss_fn
+from edgekd.train.models import build_model
 
 
 @pytest.fixture(scope="module")

@@ -11,17 +11,24 @@ import pytest
 import torch
 from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
-from src.edgekd.augment import normalize
-from src.edgekd.bench import make_runner
-from src.edgekd.data import load_info, load_split
-from src.edgekd.engine import FitSetup, recalibrate_bn
-from src.edgekd.errors import UserError
-from src.edgekd.config import ExportConfig
-from src.edgekd.export import (ModelMeta, check_fp32_export, check_int8_export, compare, conv_kernels, export_onnx,
-                               output_step, read_metadata)
-from src.edgekd.images import RESIZE_METHOD
-from src.edgekd.models import build_model
-from src.edgekd.quant import convert, freeze_qat, prepare_qat, qconfig_mapping
+from edgekd.config import ExportConfig
+from edgekd.data.images import RESIZE_METHOD
+from edgekd.data.prepared import load_info, load_split, normalize
+from edgekd.deploy.export import (
+    ModelMeta,
+    check_fp32_export,
+    check_int8_export,
+    compare,
+    conv_kernels,
+    export_onnx,
+    output_step,
+    read_metadata,
+)
+from edgekd.deploy.sessions import make_runner
+from edgekd.errors import UserError
+from edgekd.train.engine import FitSetup, recalibrate_bn
+from edgekd.train.models import build_model
+from edgekd.train.quant import convert, freeze_qat, prepare_qat, qconfig_mapping
 
 ARCH = "mobilenet_v3_small"  # the stock net: SE, Hardswish, residual adds all have to quantize
 

@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from src.edgekd.images import (RESIZE_METHOD, ImageTooLarge, UnreadableImage, load_image, load_rgb,
-                               resize_square)
+from edgekd.data.images import (
+    RESIZE_METHOD,
+    ImageTooLarge,
+    UnreadableImage,
+    load_image,
+    load_rgb,
+    resize_square,
+)
 
 LIMIT = 40_000_000
 

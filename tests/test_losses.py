@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.edgekd.engine import Batch
-from src.edgekd.losses import ensemble_logits, kd_loss, kd_loss_fn, prepare_teachers
-from src.edgekd.models import build_model
+from edgekd.train.engine import Batch
+from edgekd.train.losses import ensemble_logits, kd_loss, kd_loss_fn, prepare_teachers
+from edgekd.train.models import build_model
 
 
 def test_kd_loss_hand_computed():

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from src.edgekd.config import STUDENT_ARCHS, TEACHER_ARCHS
-from src.edgekd.errors import UserError
-from src.edgekd.models import build_model, count_params, local_weights
+from edgekd.config import STUDENT_ARCHS, TEACHER_ARCHS
+from edgekd.errors import UserError
+from edgekd.train.models import build_model, count_params, local_weights
 
 
 @pytest.mark.parametrize("arch", TEACHER_ARCHS)

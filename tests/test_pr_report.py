@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_pipeline import set_params, sh
 
-from src.edgekd.errors import UserError
-from src.edgekd.report_diff import (
+from edgekd.errors import UserError
+from tools.pr_report.diff import (
     MetricChange,
     PlotDiff,
     format_change,
@@ -20,8 +21,7 @@ from src.edgekd.report_diff import (
     render_report,
     split_plots,
 )
-from src.pr_report import write_report
-from tiny_pipeline import set_params, sh
+from tools.pr_report.run import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # ---------------------------------------------------------------- pure functions
@@ -64,11 +64,12 @@ def test_headline_keeps_headline_metrics_with_direction_aware_verdicts():
 
 
 def test_format_change_uses_units_and_relative_change():
-    assert format_change(MetricChange("m", "int8.size_bytes", 2048, 3072)) == "+1.0 KiB (+50.0%)"
+    assert format_change(MetricChange("m", "int8.size_bytes", 2000, 3000)) == "+1.0 KB (+50.0%)"
     assert format_change(MetricChange("m", "fp32.latency_p50_ms", 2.0, 1.5)) == "-0.500 ms (-25.0%)"
     assert format_change(MetricChange("m", "int8.openvino_latency_p90_ms", 1.0, 1.1)) == "+0.100 ms (+10.0%)"
-    assert format_change(MetricChange("m", "fp32.accuracy", 0.0, 0.5)) == "+0.5000"
-    assert format_change(MetricChange("m", "params", 100_000, 150_000)) == "+50,000 (+50.0%)"
+    assert format_change(MetricChange("m", "fp32.accuracy", 0.0, 0.5)) == "+50.00 points"
+    assert format_change(MetricChange("m", "fp32.accuracy", 0.99, 0.985)) == "-0.50 points"
+    assert format_change(MetricChange("m", "params", 100_000, 150_000)) == "+50.0 K (+50.0%)"
     assert format_change(MetricChange("m", "fp32.accuracy", None, 0.5)) == "new"
     assert format_change(MetricChange("m", "fp32.accuracy", 0.5, None)) == "removed"
 
@@ -76,7 +77,7 @@ def test_format_change_uses_units_and_relative_change():
 def test_headline_table_rows_and_empty_case():
     table = headline_table(headline_changes(METRICS_DIFF), "main")
     assert "| File | Metric | main | workspace | Change | Verdict |" in table
-    assert "| metrics/evaluate.json | int8.size_bytes | 293.0 KiB | 585.9 KiB | +293.0 KiB (+100.0%) | worse |" in table
+    assert "| metrics/evaluate.json | int8.size_bytes | 0.300 MB | 0.600 MB | +0.300 MB (+100.0%) | worse |" in table
     assert headline_table([], "main").startswith("No headline metric")
 
 
@@ -173,7 +174,7 @@ def test_write_report_on_synthetic_repo(synthetic_repo: Path):
     report = write_report(synthetic_repo, "HEAD", out).read_text()
 
     assert "| params.yaml | student.width | 0.25   | 0.5         |" in report
-    assert "| metrics/evaluate.json | int8.accuracy | 0.8800 | 0.9100 | +0.0300 (+3.4%) | better |" in report
+    assert "| metrics/evaluate.json | int8.accuracy | 88.00 % | 91.00 % | +3.00 points | better |" in report
     assert "fp32.accuracy" not in report  # unchanged metrics stay out
     assert "![plots/confusion_int8.csv](plots/plots_confusion_int8.csv.png)" in report
     assert "Unchanged plots: `plots/tradeoff.csv`" in report
@@ -201,10 +202,10 @@ def test_make_report_lists_width_change_and_student_deltas(tiny_repo: Path):
     assert re.search(r"\| params\.yaml \| student\.width \| 0\.25 +\| 0\.5 +\|", report)
     # A wider student has more parameters; the headline says so for every student stage.
     for stage in ("baseline", "distill"):
-        assert re.search(rf"\| metrics/{stage}\.json \| params \| [\d,]+ \| [\d,]+ \| \+[\d,]+ \(\+[\d.]+%\) \| worse \|",
+        assert re.search(rf"\| metrics/{stage}\.json \| params \| [\d.]+ K \| [\d.]+ K \| \+[\d.]+ K \(\+[\d.]+%\) \| worse \|",
                          report), stage
     for model in ("fp32", "int8"):  # the exported ONNX files grow too
-        assert re.search(rf"\| metrics/evaluate\.json \| {model}\.size_bytes \| .* KiB \| .* KiB \| \+.* \| worse \|",
+        assert re.search(rf"\| metrics/evaluate\.json \| {model}\.size_bytes \| .* [KM]B \| .* [KM]B \| \+.* \| worse \|",
                          report), model
     assert "metrics/teacher_" not in report  # teachers were not retrained
     # The size/latency trade-off moved: rendered to a PNG that the report shows.

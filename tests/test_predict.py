@@ -1,4 +1,4 @@
-"""`python -m src.predict`: metadata-only preprocessing, per-file errors, exit codes, JSON lines."""
+"""`python -m edgekd.deploy.predict`: metadata-only preprocessing, per-file errors, exit codes, JSON lines."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ import pytest
 import torch
 from torch import nn
 
-from src.edgekd.augment import normalize
-from src.edgekd.config import DataConfig
-from src.edgekd.export import ModelMeta, export_onnx
-from src.edgekd.images import load_image
-from src.edgekd.models import build_model
-from src.predict import main
+from edgekd.config import DataConfig
+from edgekd.data.images import load_image
+from edgekd.data.prepared import normalize
+from edgekd.deploy.export import ModelMeta, export_onnx
+from edgekd.deploy.predict import main
+from edgekd.train.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["Arborio", "Basmati", "Ipsala", "Jasmine", "Karacadag"]
@@ -98,7 +98,7 @@ def test_model_without_metadata_is_refused_with_one_line(model_path, small_rice_
     del bare.metadata_props[:]
     onnx.save(bare, str(tmp_path / "bare.onnx"))
     image = sorted((small_rice_tree / "Ipsala").iterdir())[0]
-    proc = subprocess.run([sys.executable, "-m", "src.predict", str(tmp_path / "bare.onnx"), str(image)],
+    proc = subprocess.run([sys.executable, "-m", "edgekd.deploy.predict", str(tmp_path / "bare.onnx"), str(image)],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "metadata lacks" in proc.stderr

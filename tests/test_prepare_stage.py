@@ -1,4 +1,4 @@
-"""`python -m src.stages.prepare` end to end on a small real tree, as dvc.yaml runs it."""
+"""`python -m stages.prepare` end to end on a small real tree, as dvc.yaml runs it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from src.edgekd.data import load_info, load_split
+from edgekd.data.prepared import load_info, load_split
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,7 +19,7 @@ def _run(tmp_path: Path, root: Path, **data) -> subprocess.CompletedProcess:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"].update({"root": str(root), "image_size": 32, **data})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    cmd = [sys.executable, "-m", "src.stages.prepare", "--root", str(root),
+    cmd = [sys.executable, "-m", "stages.prepare", "--root", str(root),
            "--out", str(tmp_path / "prepared"), "--metrics", str(tmp_path / "metrics/data.json"),
            "--plots", str(tmp_path / "plots/data"), "--params", str(tmp_path / "params.yaml")]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)

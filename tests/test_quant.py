@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import json
 
-import yaml
 import torch
 import torch.nn.functional as F
+import yaml
 from torch.ao.nn.intrinsic import qat as nniqat
 from torch.ao.quantization import FakeQuantize
 
-from src.edgekd import engine
-from src.edgekd.augment import normalize
-from src.edgekd.bench import make_runner
-from src.edgekd.ckpt import load_checkpoint, model_payload, save_checkpoint
-from src.edgekd.config import StudentConfig
-from src.edgekd.data import load_info, load_split
-from src.edgekd.export import ModelMeta, compare, export_onnx
-from src.edgekd.models import build_model
-from src.edgekd.quant import convert, freeze_qat, load_qat_model, prepare_qat, set_qat_phase
+from edgekd.config import StudentConfig
+from edgekd.data.prepared import load_info, load_split, normalize
+from edgekd.deploy.export import ModelMeta, compare, export_onnx
+from edgekd.deploy.sessions import make_runner
+from edgekd.train import engine
+from edgekd.train.checkpoints import load_checkpoint, model_payload, save_checkpoint
+from edgekd.train.models import build_model
+from edgekd.train.quant import convert, freeze_qat, load_qat_model, prepare_qat, set_qat_phase
 
 ARCH = StudentConfig().arch  # the default student
 

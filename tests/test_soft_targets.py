@@ -4,11 +4,17 @@ import pytest
 import torch
 from torch import nn
 
-from src.edgekd.data import load_info, load_split
-from src.edgekd.engine import FitSetup
-from src.edgekd.errors import UserError
-from src.edgekd.soft_targets import (compute_soft_targets, load_soft_targets, pixel_hash, render_view,
-                                     save_soft_targets, view_batches)
+from edgekd.data.prepared import load_info, load_split
+from edgekd.errors import UserError
+from edgekd.train.engine import FitSetup
+from edgekd.train.soft_targets import (
+    compute_soft_targets,
+    load_soft_targets,
+    pixel_hash,
+    render_view,
+    save_soft_targets,
+    view_batches,
+)
 
 
 class _MeanColour(nn.Module):

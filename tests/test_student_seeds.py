@@ -9,11 +9,10 @@ import torch
 import yaml
 from torch import nn
 
-from benchmarks import student_seeds
-from benchmarks.student_seeds import dihedral_mean, run_seed, with_overrides
-from src.edgekd.augment import normalize
-from src.edgekd.data import load_info, load_split
-from src.edgekd.soft_targets import compute_soft_targets, save_soft_targets
+from edgekd.data.prepared import load_info, load_split, normalize
+from edgekd.train.soft_targets import compute_soft_targets, save_soft_targets
+from tools.studies import student_seeds
+from tools.studies.student_seeds import dihedral_mean, run_seed, with_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,9 +32,9 @@ def test_dihedral_mean_is_invariant_to_flips_and_quarter_turns_of_the_input():
 
 
 def test_overrides_apply_like_make_bench_and_set_the_data_root(tmp_path):
-    raw = with_overrides(REPO / "params.yaml", REPO / "benchmarks/rice.yaml", tmp_path / "rice")
+    raw = with_overrides(REPO / "params.yaml", REPO / "tools/benchmark/rice.yaml", tmp_path / "rice")
     base = yaml.safe_load((REPO / "params.yaml").read_text())
-    bench = yaml.safe_load((REPO / "benchmarks/rice.yaml").read_text())["overrides"]
+    bench = yaml.safe_load((REPO / "tools/benchmark/rice.yaml").read_text())["overrides"]
     assert raw["student"]["epochs"] == bench["student"]["epochs"] != base["student"]["epochs"]
     assert raw["student"]["arch"] == base["student"]["arch"]  # keys not overridden are kept
     assert raw["data"]["root"] == str(tmp_path / "rice")

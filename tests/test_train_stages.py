@@ -16,13 +16,12 @@ import torch
 import yaml
 from tiny_pipeline import set_params
 
-from src.edgekd.augment import normalize, resize_batch
-from src.edgekd.bench import ort_session
-from src.edgekd.ckpt import load_checkpoint, load_teachers
-from src.edgekd.data import load_info, load_split
-from src.edgekd.export import read_metadata
-from src.edgekd.losses import prepare_teachers
-from src.edgekd.models import build_model, count_params
+from edgekd.data.prepared import load_info, load_split, normalize, resize_batch
+from edgekd.deploy.export import read_metadata
+from edgekd.deploy.sessions import ort_session
+from edgekd.train.checkpoints import load_checkpoint, load_teachers
+from edgekd.train.losses import prepare_teachers
+from edgekd.train.models import build_model, count_params
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"train": {"batch_size": 16, "eval_batch_size": 64}, "teachers": {"epochs": 1},
@@ -39,7 +38,7 @@ def _params(tmp_path: Path, **sections) -> Path:
 
 
 def _stage(module: str, *args, cwd=REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", f"src.stages.{module}", *map(str, args)], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", f"stages.{module}", *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -182,6 +181,6 @@ def test_smaller_student_input_trains_on_teacher_views_and_deploys_at_its_size(t
         right = sum(r["actual"] == r["predicted"] for r in rows)
         assert evaluation[name]["accuracy"] == right / len(rows), name
     image = next(Path(yaml.safe_load((repo / "params.yaml").read_text())["data"]["root"]).rglob("*.jpg"))
-    run = subprocess.run([sys.executable, "-m", "src.predict", "models/student_int8.onnx", str(image), "--json"],
+    run = subprocess.run([sys.executable, "-m", "edgekd.deploy.predict", "models/student_int8.onnx", str(image), "--json"],
                          cwd=repo, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and json.loads(run.stdout)["path"] == str(image), run.stderr

@@ -82,7 +82,7 @@ def test_steps_test_reproduce_report_comment_in_order(steps: list[dict]):
 
 
 def test_uses_dvc3_flags_only():
-    text = WORKFLOW.read_text() + (REPO / "src/pr_report.py").read_text()
+    text = WORKFLOW.read_text() + (REPO / "tools/pr_report/run.py").read_text()
     assert "--show-md" not in text  # removed in DVC 3.0; `--md` replaces it
     assert '"--md"' in text
 
@@ -99,4 +99,4 @@ def test_make_report_passes_base_and_plots_url():
     dry = subprocess.run(["make", "-n", "report", "BASE=origin/dev", "PLOTS_URL=https://ci/run/7"],
                          cwd=REPO, capture_output=True, text=True)
     assert dry.returncode == 0, dry.stderr
-    assert '-m src.pr_report --base origin/dev --out reports/pr --plots-url "https://ci/run/7"' in dry.stdout
+    assert '-m tools.pr_report.run --base origin/dev --out reports/pr --plots-url "https://ci/run/7"' in dry.stdout

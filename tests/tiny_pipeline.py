@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from src.edgekd.runtime import PARAMS_TRACE_ENV
+from edgekd.runtime import PARAMS_TRACE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-from .errors import UserError
+from edgekd.errors import UserError
 
 TEACHER_ARCHS = ("resnet18", "mobilenet_v2", "densenet121")
 STUDENT_ARCHS = ("mobilenet_v3_small", "mobilenet_v3_small_relu", "mobilenet_v3_small_minimal",

@@ -15,8 +15,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import config
-from .errors import UserError
+from edgekd import config
+from edgekd.errors import UserError
 
 log = logging.getLogger("edgekd")
 

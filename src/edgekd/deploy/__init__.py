@@ -1,0 +1,2 @@
+"""Deployment: self-describing ONNX export with its parity gates, inference sessions (onnxruntime,
+OpenVINO) and the `predict` command."""

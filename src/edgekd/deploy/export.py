@@ -1,0 +1,217 @@
+"""ONNX export with self-describing metadata, plus the checks that make an export trustworthy.
+
+A model file must carry its own preprocessing (classes, input size, mean/std, resize rule), so that
+`predict` never guesses; parity with torch is measured on real images, and the INT8 graph is
+checked for what onnxruntime actually runs after graph optimisation (every Conv an integer kernel).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from edgekd.config import ExportConfig
+from edgekd.data.images import RESIZE_METHOD
+from edgekd.deploy.sessions import Runner, make_runner, ort_session
+from edgekd.errors import UserError
+from edgekd.train.engine import evaluation_mode
+
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+REQUIRED_METADATA = ("classes", "image_size", "mean", "std", "resize")
+INTEGER_CONVS = {"QLinearConv", "ConvInteger"}
+FLOAT_CONVS = {"Conv", "FusedConv"}  # any domain: com.microsoft(.nchwc) variants are float too
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """Everything inference needs besides the weights; stored as ONNX metadata_props."""
+
+    classes: list[str]
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    resize: str = RESIZE_METHOD
+    arch: str = ""
+    width: float = 0.0
+    precision: str = "fp32"
+    params: int = 0  # parameter count of the FP32 network (INT8 initializers add scales)
+
+    def to_props(self) -> dict[str, str]:
+        return {"classes": json.dumps(self.classes), "image_size": str(self.image_size),
+                "mean": json.dumps(self.mean), "std": json.dumps(self.std), "resize": self.resize,
+                "arch": self.arch, "width": str(self.width), "precision": self.precision,
+                "params": str(self.params)}
+
+
+def read_metadata(path: str | Path) -> ModelMeta:
+    """Parse and validate the metadata of an ONNX file; a file without it is refused, not guessed."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # protobuf decode errors have many types
+        raise UserError(f"{path}: not a readable ONNX model ({type(err).__name__})") from None
+    props = {p.key: p.value for p in model.metadata_props}
+    missing = [k for k in REQUIRED_METADATA if k not in props]
+    if missing:
+        raise UserError(f"{path}: ONNX metadata lacks {missing}; export it with `python -m "
+                        "stages.export` so preprocessing is not guessed")
+    try:
+        meta = ModelMeta(classes=[str(c) for c in json.loads(props["classes"])],
+                         image_size=int(props["image_size"]),
+                         mean=[float(v) for v in json.loads(props["mean"])],
+                         std=[float(v) for v in json.loads(props["std"])],
+                         resize=props["resize"], arch=props.get("arch", ""),
+                         width=float(props.get("width", 0) or 0),
+                         precision=props.get("precision", ""),
+                         params=int(props.get("params", 0) or 0))
+    except (ValueError, TypeError) as err:
+        raise UserError(f"{path}: malformed ONNX metadata ({err})") from None
+    if meta.resize != RESIZE_METHOD:
+        raise UserError(f"{path}: unknown resize rule {meta.resize!r}; this code implements {RESIZE_METHOD!r}")
+    if len(meta.mean) != 3 or len(meta.std) != 3 or min(meta.std) <= 0 or meta.image_size < 1 \
+            or not meta.classes:
+        raise UserError(f"{path}: ONNX metadata out of range (need 3 mean, 3 positive std, classes)")
+    return meta
+
+
+def export_onnx(model: nn.Module, path: str | Path, meta: ModelMeta, opset: int) -> Path:
+    """Export with a dynamic batch axis, fold constants, shorten names, attach metadata, check.
+
+    The TorchScript exporter (dynamo=False) is the one that exports FX-converted integer models;
+    its raw output repeats casts/constants per layer and carries long tensor names, which cost
+    ~100 KB at width 0.25 — onnxruntime's BASIC level (portable constant folding, standard ops only)
+    and renaming remove that without touching a single weight.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.zeros(1, 3, meta.image_size, meta.image_size)  # (B, 3, H, W)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw, folded = Path(tmp) / "raw.onnx", Path(tmp) / "folded.onnx"
+        with warnings.catch_warnings():  # the TorchScript exporter's deprecation/tracer notices
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model.eval(), (example,), str(raw), dynamo=False, opset_version=opset,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+        ort_session(raw, optimized_path=folded, level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+        onnx_model = onnx.load(str(folded))
+    _shorten_names(onnx_model.graph)
+    onnx.helper.set_model_props(onnx_model, meta.to_props())
+    onnx.checker.check_model(onnx_model, full_check=True)
+    tmp_path = path.with_name(path.name + ".tmp")
+    onnx.save(onnx_model, str(tmp_path))
+    tmp_path.replace(path)  # never leave a half-written model where the next stage reads
+    return path
+
+
+def _shorten_names(graph: onnx.GraphProto) -> None:
+    """Rename internal tensors to t0, t1, ... and drop node names/doc strings (graph I/O kept)."""
+    keep = {v.name for v in graph.input} | {v.name for v in graph.output}
+    names: dict[str, str] = {}
+
+    def short(name: str) -> str:
+        if not name or name in keep:
+            return name
+        return names.setdefault(name, f"t{len(names)}")
+
+    for init in graph.initializer:
+        init.name = short(init.name)
+    for node in graph.node:
+        node.name, node.doc_string = "", ""
+        node.input[:] = [short(n) for n in node.input]
+        node.output[:] = [short(n) for n in node.output]
+    del graph.value_info[:]
+
+
+def conv_kernels(path: str | Path) -> dict[str, int]:
+    """Count integer vs float Conv kernels in the graph onnxruntime runs (ORT_ENABLE_ALL)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        optimized = Path(tmp) / "optimized.onnx"
+        ort_session(path, optimized_path=optimized)
+        ops = Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
+    return {"integer": sum(ops[o] for o in INTEGER_CONVS), "float": sum(ops[o] for o in FLOAT_CONVS)}
+
+@torch.no_grad()
+def compare(model: nn.Module, run: Runner, images: torch.Tensor, batch: int = 256) -> dict[str, float]:
+    """Max |logit| difference and top-1 agreement between a torch model and an ONNX runner.
+
+    The torch model runs in `evaluation_mode`: a fake-quant reference must not move its ranges
+    while it is being compared.
+    """
+    max_diff, agree = 0.0, 0
+    with evaluation_mode(model):
+        for start in range(0, len(images), batch):
+            x = images[start:start + batch]  # (B, 3, H, W) float, normalised
+            ref = model(x).float().numpy()
+            out = run(x.numpy())
+            max_diff = max(max_diff, float(np.abs(ref - out).max()))
+            agree += int((ref.argmax(1) == out.argmax(1)).sum())
+    return {"max_abs_diff": max_diff, "top1_agreement": agree / len(images), "images": len(images)}
+
+
+def output_step(path: str | Path) -> float:
+    """The step of the INT8 grid the logits come out on: the scale of the graph's last DequantizeLinear."""
+    graph = onnx.load(str(path)).graph
+    producer = next((n for n in graph.node if OUTPUT_NAME in n.output), None)
+    if producer is None or producer.op_type != "DequantizeLinear":
+        raise UserError(f"{path}: {OUTPUT_NAME!r} does not come from a DequantizeLinear; not an INT8 export")
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    return float(inits[producer.input[1]])
+
+
+def check_fp32_export(model: nn.Module, path: str | Path, images: torch.Tensor, cfg: ExportConfig) -> dict:
+    """Parity of an FP32 ONNX file with its torch model on real images; raises when it is off."""
+    parity = compare(model, make_runner(path), images)
+    require(parity["max_abs_diff"] <= cfg.parity_atol, path,
+            f"max |logit| diff vs torch {parity['max_abs_diff']:.2e} > export.parity_atol={cfg.parity_atol}")
+    return parity
+
+
+def check_int8_export(int8_model: nn.Module, fake_quant: nn.Module, path: str | Path, images: torch.Tensor,
+                      cfg: ExportConfig) -> dict:
+    """The gates an INT8 file must pass, on real images; raises on the first that fails.
+
+    - every Conv runs as an integer kernel in onnxruntime (a float Conv is a broken export);
+    - against the converted integer torch model, the same integers in another engine: top-1
+      agreement >= export.min_int8_agreement and max |logit| difference within
+      export.int8_logit_tolerance_steps steps of the output grid.
+    The fake-quant model's agreement is reported, not gated: fake-quant simulates requantization in
+    float, and its distance from either integer engine is a property of QAT, not of the export.
+    """
+    convs = conv_kernels(path)
+    require(convs["float"] == 0, path, f"{convs['float']} Conv(s) still run in float in onnxruntime")
+    runner = make_runner(path)
+    vs_int8 = compare(int8_model, runner, images)
+    step = output_step(path)
+    vs_int8["max_abs_diff_steps"] = vs_int8["max_abs_diff"] / step
+    require(vs_int8["top1_agreement"] >= cfg.min_int8_agreement, path,
+            f"top-1 agreement with the integer torch model {vs_int8['top1_agreement']:.4f} < "
+            f"export.min_int8_agreement={cfg.min_int8_agreement}")
+    require(vs_int8["max_abs_diff_steps"] <= cfg.int8_logit_tolerance_steps, path,
+            f"max |logit| diff vs the integer torch model {vs_int8['max_abs_diff_steps']:.1f} output steps > "
+            f"export.int8_logit_tolerance_steps={cfg.int8_logit_tolerance_steps}")
+    return {"parity_int8_torch": vs_int8, "parity_fake_quant": compare(fake_quant, runner, images),
+            "output_step": step, "conv_kernels": convs}
+
+
+
+def meta_from_checkpoint(payload: dict, precision: str, params: int) -> ModelMeta:
+    """Metadata from a checkpoint's own preprocessing fields (the contract in edgekd.train.checkpoints.model_payload)."""
+    spec = payload["model"]
+    return ModelMeta(classes=list(payload["classes"]), image_size=int(payload["image_size"]),
+                     mean=list(payload["mean"]), std=list(payload["std"]), arch=spec["arch"],
+                     width=float(spec["width"]), precision=precision, params=params)
+
+
+def require(ok: bool, path: str | Path, problem: str) -> None:
+    """Fail the export loudly: a model that does not match torch must never reach `evaluate`."""
+    if not ok:
+        raise UserError(f"{path}: {problem}")

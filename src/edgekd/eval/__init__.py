@@ -1,0 +1,1 @@
+"""Evaluation of exported models: classification metrics and CPU latency/throughput."""

@@ -1,0 +1,165 @@
+"""Teacher and student architectures, all stock torchvision modules.
+
+Keeping torchvision's own classes (not hand-written copies) means FX quantization can trace the
+students and a checkpoint rebuilds itself from `{"arch", "num_classes", "width"}`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models as tvm
+from torchvision.models.mobilenetv3 import InvertedResidualConfig, MobileNetV3, _mobilenet_v3_conf
+from torchvision.ops.misc import Conv2dNormActivation
+
+from edgekd.config import STUDENT_ARCHS, TEACHER_ARCHS
+from edgekd.errors import UserError
+
+# Parameter-name prefix of each teacher's classifier head: never taken from a local weights file,
+# because its shape depends on the number of classes.
+_TEACHER_HEADS = {"resnet18": "fc.", "mobilenet_v2": "classifier.", "densenet121": "classifier."}
+
+
+def build_model(arch: str, num_classes: int, width: float = 1.0,
+                weights: str | Path | None = None) -> nn.Module:
+    """A freshly initialised network with a `num_classes` head.
+
+    `width` scales the students' channels (MobileNetV3 width multiplier); teachers have no such knob
+    and require 1.0. `weights` optionally loads a local teacher backbone (head excluded), for users
+    who have ImageNet weights on disk; nothing is ever downloaded.
+    """
+    if arch in TEACHER_ARCHS:
+        if width != 1.0:
+            raise ValueError(f"teacher {arch} has no width multiplier; got width={width}")
+        model = getattr(tvm, arch)(weights=None, num_classes=num_classes)
+        if weights is not None:
+            _load_backbone(model, arch, Path(weights))
+        return model
+    if weights is not None:
+        raise ValueError("local weights are supported for teachers only")
+    if arch == "mobilenet_v3_small":
+        return tvm.mobilenet_v3_small(weights=None, num_classes=num_classes, width_mult=width)
+    if arch == "mobilenet_v3_small_relu":
+        # Hardswish -> ReLU only; squeeze-excite (with its Hardsigmoid gate) stays.
+        model = tvm.mobilenet_v3_small(weights=None, num_classes=num_classes, width_mult=width)
+        return _hardswish_to_relu(model)
+    if arch == "mobilenet_v3_small_minimal":
+        return _minimal_mobilenet_v3_small(num_classes, width)
+    if arch == "mobilenet_v3_small_fused":
+        return _fused_mobilenet_v3_small(num_classes, width)
+    raise UserError(f"unknown architecture {arch!r}; valid: {list(TEACHER_ARCHS + STUDENT_ARCHS)}")
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _minimal_mobilenet_v3_small(num_classes: int, width: float) -> nn.Module:
+    """MobileNetV3-Small without squeeze-excite and with ReLU everywhere.
+
+    INT8 runtimes execute conv+ReLU as one integer kernel, while SE (pool, mul, Hardsigmoid) and
+    Hardswish stay float between quantize/dequantize pairs (see notes/quantization.md): this variant
+    is about as fast in INT8 as in FP32. Built from torchvision's own block table.
+    """
+    setting, last_channel = _mobilenet_v3_conf("mobilenet_v3_small", width_mult=width)
+    for block in setting:
+        block.use_se = False
+        block.use_hs = False  # "RE"
+    model = MobileNetV3(setting, last_channel, num_classes=num_classes)
+    return _hardswish_to_relu(model)  # the last conv and the classifier hard-code Hardswish
+
+
+# Input channels per group of the fused blocks' 3x3 convs (see _FusedBlock).
+FUSED_GROUP_CHANNELS = 8
+
+
+class _FusedBlock(nn.Module):
+    """An inverted-residual block whose 1x1 expand + depthwise pair is one grouped 3x3 conv.
+
+    onnxruntime's integer depthwise kernels are 1.6-2.9x slower than its FP32 ones at these sizes,
+    while its integer dense 3x3 and 1x1 convs are faster (reports/int8_layers.md); groups of 8
+    channels and 3x3 in place of 5x5 kernels keep the INT8 file under 0.2 MB. No residual add: in
+    FP32 onnxruntime fuses it into the conv, in INT8 it is a separate QLinearAdd (~3.5 us at 64 px).
+    """
+
+    def __init__(self, cnf: InvertedResidualConfig, norm_layer) -> None:
+        super().__init__()
+        groups = math.gcd(cnf.input_channels, cnf.expanded_channels) // FUSED_GROUP_CHANNELS or 1
+        self.block = nn.Sequential(
+            Conv2dNormActivation(cnf.input_channels, cnf.expanded_channels, 3, stride=cnf.stride,
+                                 groups=groups, norm_layer=norm_layer, activation_layer=nn.ReLU),
+            Conv2dNormActivation(cnf.expanded_channels, cnf.out_channels, 1, norm_layer=norm_layer,
+                                 activation_layer=None))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+def _fused_mobilenet_v3_small(num_classes: int, width: float) -> nn.Module:
+    """MobileNetV3-Small's block table (channels, expansions, strides) built from integer-fast ops.
+
+    Fused blocks (as MobileNetV4's FusedIB / EfficientNet-EdgeTPU), ReLU, no squeeze-excite, and a
+    4x4 stride-4 patchify stem in place of the 3x3 stride-2 stem plus the first block's stride:
+    a 3-channel 3x3 conv over the full-resolution image is the slowest integer kernel of the network.
+    """
+    setting, last_channel = _mobilenet_v3_conf("mobilenet_v3_small", width_mult=width)
+    setting[0].stride = 1  # the patchify stem downsamples 4x at once
+    model = MobileNetV3(setting, last_channel, num_classes=num_classes, block=_FusedBlock)
+    model.features[0] = Conv2dNormActivation(3, setting[0].input_channels, 4, stride=4, padding=0,
+                                             activation_layer=nn.ReLU)
+    return _hardswish_to_relu(model)
+
+
+def _hardswish_to_relu(model: nn.Module) -> nn.Module:
+    for name, child in model.named_children():
+        if isinstance(child, nn.Hardswish):
+            setattr(model, name, nn.ReLU(inplace=True))
+        elif isinstance(child, nn.Dropout):
+            # ReLU's backward reads its output, which an in-place dropout right after it would
+            # overwrite (harmless after Hardswish, whose backward reads its input).
+            child.inplace = False
+        else:
+            _hardswish_to_relu(child)
+    return model
+
+
+WEIGHT_SUFFIXES = (".pt", ".pth")
+
+
+def local_weights(folder: str | Path | None) -> Path | None:
+    """The one weights file (`*.pt`/`*.pth`) in a teacher's init folder, or None to train from scratch.
+
+    A folder rather than a path in params: `dvc.yaml` declares each teacher's folder as a dependency,
+    so dropping a file in (or replacing it) reruns exactly that teacher.
+    """
+    if folder is None or not Path(folder).is_dir():
+        return None
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    if len(files) > 1:
+        raise UserError(f"{folder}: holds {len(files)} weights files {[p.name for p in files]}; keep one")
+    return files[0] if files else None
+
+
+def _load_backbone(model: nn.Module, arch: str, path: Path) -> None:
+    """Load a local state dict into everything but the head; refuse anything else that mismatches."""
+    if not path.is_file():
+        raise UserError(f"{path}: teacher weights file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable/unsafe file is the user's to fix
+        raise UserError(f"{path}: not a loadable state dict with weights_only=True ({err})") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: expected a state dict of tensors")
+    head = _TEACHER_HEADS[arch]
+    backbone = {k: v for k, v in state.items() if not k.startswith(head)}
+    try:
+        missing, unexpected = model.load_state_dict(backbone, strict=False)
+    except RuntimeError as err:  # same names, other shapes
+        raise UserError(f"{path}: does not match {arch}: {str(err).splitlines()[-1].strip()}") from None
+    missing = [k for k in missing if not k.startswith(head)]
+    if missing or unexpected:
+        raise UserError(f"{path}: does not match {arch}: missing {missing[:3]}, unexpected {unexpected[:3]}")

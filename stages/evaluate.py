@@ -1,0 +1,77 @@
+"""Stage `evaluate`: test-split accuracy, size, latency and throughput of every exported ONNX model."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from edgekd.config import load_params
+from edgekd.data.prepared import load_info, load_split, normalize, resize_batch
+from edgekd.deploy.export import read_metadata
+from edgekd.deploy.sessions import make_runner
+from edgekd.errors import UserError
+from edgekd.eval.latency import measure_speed
+from edgekd.eval.metrics import classification_metrics, predict_all
+from edgekd.runtime import run_stage, write_metrics
+
+log = logging.getLogger("edgekd")
+
+
+def measure(path: Path, images, labels: np.ndarray, classes: list[str], bench) -> tuple[dict, np.ndarray]:
+    """Metrics of one ONNX file on onnxruntime (plus OpenVINO latency for the record)."""
+    meta = read_metadata(path)
+    if meta.classes != classes:
+        raise UserError(f"{path}: classes {meta.classes} differ from the prepared data {classes}")
+    x = normalize(resize_batch(images, meta.image_size), meta.mean, meta.std).numpy()  # (N, 3, H, W) float32
+    run = make_runner(path, "onnxruntime", bench.threads)
+    preds = predict_all(run, x).argmax(1)
+    m = classification_metrics(labels, preds, classes)
+    del m["confusion"]  # written as a dvc plot instead (confusion_<name>.csv)
+    m.update(size_bytes=path.stat().st_size, params=meta.params,
+             **measure_speed(path, x, bench))
+    return m, preds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", required=True, help="prepared-data folder (test split)")
+    parser.add_argument("--model", nargs=2, action="append", required=True, metavar=("NAME", "ONNX"),
+                        help="name (fp32, int8, baseline) and ONNX file; repeatable")
+    parser.add_argument("--metrics", required=True)
+    parser.add_argument("--plots", required=True, help="folder for confusion_<name>.csv, tradeoff.csv")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args()
+    p = load_params(args.params)
+    images, labels = load_split(args.data, "test")
+    classes, labels = load_info(args.data).classes, labels.numpy()
+
+    results, preds = {}, {}
+    for name, path in args.model:
+        results[name], preds[name] = measure(Path(path), images, labels, classes, p.bench)
+        log.info("evaluate %s: acc %.4f p50 %.3f ms size %d B", name, results[name]["accuracy"],
+                 results[name]["latency_p50_ms"], results[name]["size_bytes"])
+    if "fp32" in preds and "int8" in preds:
+        results["int8_agreement"] = float((preds["fp32"] == preds["int8"]).mean())
+    plots = Path(args.plots)
+    plots.mkdir(parents=True, exist_ok=True)
+    for name, pred in preds.items():
+        write_csv(plots / f"confusion_{name}.csv", ["actual", "predicted"],
+                  [(classes[a], classes[b]) for a, b in zip(labels, pred)])
+    write_csv(plots / "tradeoff.csv", ["model", "accuracy", "latency_p50_ms", "size_bytes"],
+              [(n, results[n]["accuracy"], results[n]["latency_p50_ms"], results[n]["size_bytes"]) for n in preds])
+    write_metrics(args.metrics, results)
+
+
+def write_csv(path: Path, header: list[str], rows) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    run_stage(main)

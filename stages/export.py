@@ -1,0 +1,68 @@
+"""Stage `export`: FP32 student, baseline and QAT student -> ONNX with metadata, each file gated
+against its torch model on val (src/edgekd/deploy/export.py: check_fp32_export, check_int8_export)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from edgekd.config import load_params
+from edgekd.data.prepared import load_split, normalize, resize_batch
+from edgekd.deploy.export import (
+    check_fp32_export,
+    check_int8_export,
+    compare,
+    export_onnx,
+    meta_from_checkpoint,
+)
+from edgekd.deploy.sessions import make_runner
+from edgekd.runtime import run_stage, select_device, write_metrics
+from edgekd.train.checkpoints import load_model
+from edgekd.train.models import build_model, count_params
+from edgekd.train.quant import convert, load_qat_model
+
+log = logging.getLogger("edgekd")
+
+
+def model_input(images, payload: dict):
+    """Val images (N, 3, H, W) uint8 as the checkpoint's model sees them: its size, its normalisation."""
+    return normalize(resize_batch(images, payload["image_size"]), payload["mean"], payload["std"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", required=True, help="prepared-data folder (val split gates, test split reported)")
+    parser.add_argument("--fp32", nargs=2, action="append", required=True, metavar=("PT", "ONNX"),
+                        help="FP32 checkpoint and ONNX file to write (repeatable)")
+    parser.add_argument("--qat", nargs=2, required=True, metavar=("PT", "ONNX"))
+    parser.add_argument("--metrics", required=True)
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args()
+    p = load_params(args.params)
+    select_device("cpu", p.train.threads)
+    val, test = load_split(args.data, "val")[0], load_split(args.data, "test")[0]
+    metrics: dict = {}
+
+    for pt, onnx_path in args.fp32:
+        model, payload = load_model(pt)
+        export_onnx(model, onnx_path, meta_from_checkpoint(payload, "fp32", count_params(model)), p.export.opset)
+        parity = check_fp32_export(model, onnx_path, model_input(val, payload), p.export)
+        metrics[Path(onnx_path).stem] = {"parity": parity, "size_bytes": Path(onnx_path).stat().st_size}
+
+    qat, payload = load_qat_model(args.qat[0])
+    onnx_path, int8 = args.qat[1], convert(qat)
+    spec = payload["model"]
+    params = count_params(build_model(spec["arch"], int(spec["num_classes"]), float(spec["width"])))
+    export_onnx(int8, onnx_path, meta_from_checkpoint(payload, "int8", params), p.export.opset)
+    checks = check_int8_export(int8, qat, onnx_path, model_input(val, payload), p.export)
+    # Reported only, never gated or tuned on: the same comparison on the test split.
+    checks["parity_int8_torch_test"] = compare(int8, make_runner(onnx_path), model_input(test, payload))
+    metrics[Path(onnx_path).stem] = {**checks, "size_bytes": Path(onnx_path).stat().st_size}
+    write_metrics(args.metrics, metrics)
+    log.info("export: %s", json.dumps(metrics))
+
+
+if __name__ == "__main__":
+    run_stage(main)

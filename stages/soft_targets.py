@@ -1,0 +1,55 @@
+"""Stage `soft_targets`: the teacher ensemble's logits on `kd.views` augmented views of the training set.
+
+Computed once per set of teachers; `distill` and `qat` read them, so student experiments never run
+a teacher (see src/edgekd/train/soft_targets.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+from edgekd.config import load_params
+from edgekd.data.prepared import load_info, load_split
+from edgekd.runtime import run_stage, seed_everything, select_device, write_metrics
+from edgekd.train.checkpoints import load_teachers
+from edgekd.train.engine import evaluate
+from edgekd.train.losses import ensemble_logits, prepare_teachers
+from edgekd.train.soft_targets import compute_soft_targets, save_soft_targets
+
+log = logging.getLogger("edgekd")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", required=True, help="prepared-data folder")
+    parser.add_argument("--teachers", required=True, help="folder with <arch>.pt per teachers.archs")
+    parser.add_argument("--out", required=True, help="soft-targets file to write")
+    parser.add_argument("--metrics", required=True, help="metrics JSON to write")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args()
+    params = load_params(args.params)
+    start = time.perf_counter()
+    seed_everything(params.seed)
+    device = select_device(params.train.device, params.train.threads)
+    info, (images, labels), val = load_info(args.data), load_split(args.data, "train"), load_split(args.data, "val")
+    teachers = prepare_teachers([m.to(device) for m in load_teachers(args.teachers, params.teachers.archs, info)[0]])
+
+    targets = compute_soft_targets(teachers, images, labels, params.kd.views, params.seed, info.mean, info.std,
+                                   params.train.eval_batch_size, device)
+    ensemble_val = evaluate(lambda x: ensemble_logits(teachers, x), *val, info.mean, info.std,
+                            params.train.eval_batch_size, device)["acc"]
+
+    save_soft_targets(args.out, targets)
+    wall_s = time.perf_counter() - start
+    write_metrics(args.metrics, {
+        "teacher_ensemble_val_acc": ensemble_val, "views": params.kd.views,
+        "ensemble_view_acc": targets["ensemble_accuracy"],  # on the augmented training views
+        "images_per_s": round(params.kd.views * len(images) / wall_s, 1), "wall_s": round(wall_s, 1)})
+    log.info("soft targets: %d views x %d images, ensemble acc on views %.4f, on val %.4f, %s", params.kd.views,
+             len(images), targets["ensemble_accuracy"], ensemble_val, args.out)
+
+
+if __name__ == "__main__":
+    run_stage(main)

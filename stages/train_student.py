@@ -1,0 +1,62 @@
+"""Stages `baseline` (student, CE only) and `distill` (student, CE + KD from the teacher ensemble).
+
+Both use the same schedule and seed. `distill` trains on the augmented views that the teachers labelled
+in the soft_targets stage (view e mod V in epoch e), `baseline` on freshly augmented batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import time
+
+from edgekd.config import as_dict, load_params
+from edgekd.data.prepared import load_info, load_split
+from edgekd.errors import UserError
+from edgekd.runtime import run_stage, seed_everything, select_device, write_metrics
+from edgekd.train.checkpoints import model_payload, save_checkpoint
+from edgekd.train.engine import fingerprint, setup_from_params, train_model, training_summary
+from edgekd.train.models import build_model
+from edgekd.train.soft_targets import load_soft_targets, student_objective
+
+log = logging.getLogger("edgekd")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--mode", required=True, choices=["baseline", "distill"])
+    parser.add_argument("--data", required=True, help="prepared-data folder")
+    parser.add_argument("--soft-targets", help="teacher logits of the training views (distill)")
+    parser.add_argument("--out", required=True, help="student checkpoint to write")
+    parser.add_argument("--metrics", required=True, help="metrics JSON to write")
+    parser.add_argument("--live", help="dvclive folder (per-epoch curves, resume file)")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args()
+    params = load_params(args.params)
+    if args.mode == "distill" and not args.soft_targets:
+        raise UserError("--mode distill needs --soft-targets FILE")
+    start = time.perf_counter()
+    seed_everything(params.seed)
+    device = select_device(params.train.device, params.train.threads)
+    info, train, val = load_info(args.data), load_split(args.data, "train"), load_split(args.data, "val")
+    cfg = params.student
+    targets = (load_soft_targets(args.soft_targets, train[0], params.seed, len(info.classes))
+               if args.mode == "distill" else None)
+    kd_id = [] if targets is None else [params.kd.temperature, params.kd.alpha, targets["logits"]]
+    model = build_model(cfg.arch, len(info.classes), cfg.width)
+    size = cfg.image_size or info.image_size
+    run_id = fingerprint(args.mode, params.seed, as_dict(params.train), as_dict(cfg), *kd_id, *train, *val)
+    setup = setup_from_params(params, info, device, cfg.epochs, params.seed, args.live, run_id, input_size=size)
+    loss_fn, batches = student_objective(params, train, setup, targets)
+
+    result = train_model(model, loss_fn, cfg.lr, params.train.weight_decay, train, val, setup, batches=batches)
+
+    save_checkpoint(args.out, model_payload(model, cfg.arch, cfg.width, dataclasses.replace(info, image_size=size),
+                                            val_acc=result.best_val_acc, mode=args.mode))
+    write_metrics(args.metrics, training_summary(result, model, time.perf_counter() - start))
+    log.info("%s: val_acc %.4f (epoch %d), %s", args.mode, result.best_val_acc, result.best_epoch + 1, args.out)
+
+
+if __name__ == "__main__":
+    run_stage(main)

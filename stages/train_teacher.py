@@ -1,0 +1,59 @@
+"""Stage `train_teacher@<arch>`: one teacher trained from scratch with label-smoothed CE."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+import torch
+
+from edgekd.config import TEACHER_ARCHS, as_dict, load_params
+from edgekd.data.prepared import load_info, load_split
+from edgekd.errors import UserError
+from edgekd.runtime import run_stage, seed_everything, select_device, stream_seed, write_metrics
+from edgekd.train.checkpoints import model_payload, save_checkpoint
+from edgekd.train.engine import fingerprint, setup_from_params, train_model, training_summary
+from edgekd.train.losses import ce_loss_fn
+from edgekd.train.models import build_model, local_weights
+
+log = logging.getLogger("edgekd")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--arch", required=True, help=f"one of {list(TEACHER_ARCHS)}")
+    parser.add_argument("--data", required=True, help="prepared-data folder")
+    parser.add_argument("--init", help="folder with an optional local weights file (*.pt, *.pth) for the backbone")
+    parser.add_argument("--out", required=True, help="teacher checkpoint to write")
+    parser.add_argument("--metrics", required=True, help="metrics JSON to write")
+    parser.add_argument("--live", help="dvclive folder (per-epoch curves, resume file)")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args()
+    params = load_params(args.params)
+    if args.arch not in TEACHER_ARCHS:
+        raise UserError(f"--arch {args.arch!r} is not a teacher architecture; one of {list(TEACHER_ARCHS)}")
+    start = time.perf_counter()
+    seed = stream_seed(params.seed, f"teacher/{args.arch}")  # own batch order and augmentations
+    seed_everything(seed)
+    device = select_device(params.train.device, params.train.threads)
+    info, train, val = load_info(args.data), load_split(args.data, "train"), load_split(args.data, "val")
+    cfg = params.teachers
+    weights = local_weights(args.init)
+    model = build_model(args.arch, len(info.classes), weights=weights)
+    model.to(memory_format=torch.channels_last)  # oneDNN's faster layout: 7-20 % less time per step on CPU
+    init = [] if weights is None else [model.state_dict()]  # the loaded backbone is part of the run
+    run_id = fingerprint(args.arch, seed, as_dict(params.train), cfg.epochs, cfg.lr, *init, *train, *val)
+    setup = setup_from_params(params, info, device, cfg.epochs, seed, args.live, run_id)
+
+    result = train_model(model, ce_loss_fn(params.train.label_smoothing), cfg.lr,
+                         params.train.weight_decay, train, val, setup)
+
+    save_checkpoint(args.out, model_payload(model, args.arch, 1.0, info, val_acc=result.best_val_acc))
+    write_metrics(args.metrics, training_summary(result, model, time.perf_counter() - start))
+    log.info("teacher %s: val_acc %.4f (epoch %d), %s", args.arch, result.best_val_acc,
+             result.best_epoch + 1, args.out)
+
+
+if __name__ == "__main__":
+    run_stage(main)

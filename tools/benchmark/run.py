@@ -1,0 +1,122 @@
+"""`make bench`: the whole pipeline on the real rice sample as DVC experiments, then one report.
+
+1. a forced full `dvc exp run` with the benchmark overrides (tools/benchmark/rice.yaml), stages timed;
+2. incremental experiments (e.g. `-S student.width=0.5`): teachers must be skipped;
+3. `dvc exp apply` of the main run, so the workspace holds the main-row models and metrics;
+4. every model on the same test split, every ONNX file timed back to back in this one process,
+   the seed framework's models included; reports/benchmark.{json,md} and the trade-off PNG.
+DVC's run cache is cleared first so that every stage really runs and is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import yaml
+
+from edgekd.config import load_params
+from edgekd.errors import UserError
+from edgekd.runtime import run_stage
+from tools.benchmark import comparison
+from tools.benchmark.comparison import GOALS
+from tools.benchmark.experiments import overrides_to_args, run_experiment
+from tools.benchmark.report import plot_tradeoff, render_markdown
+from tools.machine import code_commit, machine_info
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", default="tools/benchmark/rice.yaml")
+    parser.add_argument("--out", default="reports", help="folder for benchmark.{md,json,png}")
+    parser.add_argument("--render-only", action="store_true",
+                        help="rebuild benchmark.md and the plot from an existing benchmark.json")
+    args = parser.parse_args()
+    out = Path(args.out)
+    cfg = load_config(Path(args.config))
+    if args.render_only:
+        write_report(json.loads((out / "benchmark.json").read_text()), out, cfg["goals"])
+        return
+    start = time.perf_counter()
+    repo = Path.cwd()
+    commit = code_commit(repo)  # before the runs rewrite params.yaml, metrics and the lock
+    command = f"make bench  (python -m tools.benchmark.run --config {args.config} --out {args.out})"
+
+    shutil.rmtree(repo / ".dvc" / "cache" / "runs", ignore_errors=True)
+    base = overrides_to_args(cfg["overrides"])
+    full = run_experiment(["-f", *base], repo)
+    main_eval = read_json(repo / "metrics" / "evaluate.json")
+    params = load_params()
+    main_params_text = (repo / "params.yaml").read_text()
+    variants = [comparison.variant_row(params.student, params.student_image_size, main_eval)]
+    incremental = []
+    for variant in cfg.get("variants", []):
+        (repo / "params.yaml").write_text(main_params_text)  # each variant departs from the main run
+        run = run_experiment(overrides_to_args(variant), repo)
+        v_params = load_params()
+        variants.append(comparison.variant_row(v_params.student, v_params.student_image_size,
+                                                 read_json(repo / "metrics" / "evaluate.json")))
+        incremental.append((variant, run))
+
+    subprocess.run(["dvc", "exp", "apply", full.name], cwd=repo, check=True)
+    if read_json(repo / "metrics" / "evaluate.json") != main_eval:
+        raise RuntimeError("dvc exp apply did not restore the main run's metrics")
+
+    params = load_params()
+    main_rows, test_images, misses = comparison.main_rows(params, repo, main_eval, cfg["seed_models"])
+    pipeline = comparison.pipeline_summary(full, incremental)
+    results = {
+        "command": command,
+        "commit": commit,
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine_info(),
+        "data_root": params.data.root,
+        "test_images": test_images,
+        "overrides": cfg["overrides"],
+        "experiment": full.name,
+        "main": main_rows,
+        "misses": misses,
+        "variants": variants,
+        "pipeline": pipeline,
+        "int8_export": read_json(repo / "metrics" / "export.json")["student_int8"],
+        "notes": comparison.NOTES,
+        "bench_wall_s": round(time.perf_counter() - start),
+    }
+    write_report(results, out, cfg["goals"])
+
+
+def load_config(path: Path) -> dict:
+    """The benchmark config; a missing section or goal is named in one line before anything runs."""
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise UserError(f"{path}: cannot read the benchmark config ({err})") from None
+    missing = [key for key in ("overrides", "seed_models", "goals") if key not in (cfg or {})]
+    missing += [f"goals.{key}" for key in GOALS if not missing and key not in (cfg["goals"] or {})]
+    if missing:
+        raise UserError(f"{path}: missing {', '.join(missing)}")
+    return cfg
+
+
+def write_report(results: dict, out: Path, targets: dict) -> None:
+    """Goals are computed from the measured rows and the config's targets, so a re-render
+    (`--render-only`) applies the current ones."""
+    results["goals"] = comparison.goals(results, results["variants"][0]["width"], targets)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot_tradeoff(results["variants"], out / "benchmark_tradeoff.png")
+    (out / "benchmark.md").write_text(render_markdown(results))
+    print(render_markdown(results))
+
+
+if __name__ == "__main__":
+    run_stage(main)

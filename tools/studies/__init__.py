@@ -1,0 +1,1 @@
+"""One-off studies behind design choices; each writes a report under reports/."""
