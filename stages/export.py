@@ -1,5 +1,5 @@
-"""Stage `export`: FP32 student, baseline and QAT student -> ONNX with metadata, each file gated
-against its torch model on val (src/edgekd/deploy/export.py: check_fp32_export, check_int8_export)."""
+"""Stage `export`: FP32 student and baseline, QAT and PTQ students -> ONNX with metadata, each file
+gated against its torch model on val (src/edgekd/deploy/export.py: check_fp32_export, check_int8_export)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from edgekd.deploy.export import (
     compare,
     export_onnx,
     meta_from_checkpoint,
+    store_int4_weights,
 )
 from edgekd.deploy.sessions import make_runner
 from edgekd.runtime import run_stage, select_device, write_metrics
@@ -36,7 +37,8 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="prepared-data folder (val split gates, test split reported)")
     parser.add_argument("--fp32", nargs=2, action="append", required=True, metavar=("PT", "ONNX"),
                         help="FP32 checkpoint and ONNX file to write (repeatable)")
-    parser.add_argument("--qat", nargs=2, required=True, metavar=("PT", "ONNX"))
+    parser.add_argument("--qat", nargs=2, action="append", required=True, metavar=("PT", "ONNX"),
+                        help="fake-quant checkpoint (qat or ptq stage) and INT8 ONNX file to write (repeatable)")
     parser.add_argument("--metrics", required=True)
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
@@ -51,15 +53,24 @@ def main() -> None:
         parity = check_fp32_export(model, onnx_path, model_input(val, payload), p.export)
         metrics[Path(onnx_path).stem] = {"parity": parity, "size_bytes": Path(onnx_path).stat().st_size}
 
-    qat, payload = load_qat_model(args.qat[0])
-    onnx_path, int8 = args.qat[1], convert(qat)
-    spec = payload["model"]
-    params = count_params(build_model(spec["arch"], int(spec["num_classes"]), float(spec["width"])))
-    export_onnx(int8, onnx_path, meta_from_checkpoint(payload, "int8", params), p.export.opset)
-    checks = check_int8_export(int8, qat, onnx_path, model_input(val, payload), p.export)
-    # Reported only, never gated or tuned on: the same comparison on the test split.
-    checks["parity_int8_torch_test"] = compare(int8, make_runner(onnx_path), model_input(test, payload))
-    metrics[Path(onnx_path).stem] = {**checks, "size_bytes": Path(onnx_path).stat().st_size}
+    for pt, onnx_path in args.qat:
+        fake_quant, payload = load_qat_model(pt)
+        int8 = convert(fake_quant)
+        spec = payload["model"]
+        params = count_params(build_model(spec["arch"], int(spec["num_classes"]), float(spec["width"])))
+        four = [layer for layer, bits in payload.get("weight_bits", {}).items() if bits == 4]
+        precision = "int8+int4" if four else "int8"  # mixed precision: 4-bit weights where allocated
+        export_onnx(int8, onnx_path, meta_from_checkpoint(payload, precision, params), p.export.opset)
+        int4 = [int8.get_submodule(layer).weight().int_repr().numpy() for layer in four]
+        if int4:
+            store_int4_weights(onnx_path, int4)
+        checks = check_int8_export(int8, fake_quant, onnx_path, model_input(val, payload), p.export,
+                                   int4_convs=sum(w.ndim == 4 for w in int4))
+        if int4:
+            checks["int4_layers"] = len(int4)
+        # Reported only, never gated or tuned on: the same comparison on the test split.
+        checks["parity_int8_torch_test"] = compare(int8, make_runner(onnx_path), model_input(test, payload))
+        metrics[Path(onnx_path).stem] = {**checks, "size_bytes": Path(onnx_path).stat().st_size}
     write_metrics(args.metrics, metrics)
     log.info("export: %s", json.dumps(metrics))
 

@@ -1,5 +1,9 @@
-"""Stage `qat`: fine-tune the distilled student with INT8 fake-quant (CE + KD on the stored teacher
-logits of the training views, as in distill), save it for export.
+"""Stages `qat`, `qat_mixed`, `qat_scratch`: fine-tune a student with INT8 fake-quant, save it for export.
+
+`qat`: the distilled student, CE + KD on the stored teacher logits of the training views (as in
+distill). `qat_mixed`: the same with `--bits`, the layers the allocation names at 4-bit weights.
+`qat_scratch`: the baseline student without soft targets, CE on fresh augmentations (no teacher
+anywhere), the control for what distillation adds to QAT.
 
 The last epoch is kept, not the best on val: BN statistics and ranges freeze late in the schedule,
 and the exported model must be the one that went through it. Validation never moves a range
@@ -12,14 +16,14 @@ import argparse
 import dataclasses
 import logging
 
-from edgekd.config import as_dict, load_params
+from edgekd.config import load_params
 from edgekd.data.prepared import load_info, load_split, resize_batch
 from edgekd.runtime import run_stage, seed_everything, select_device, write_metrics
 from edgekd.train import engine
 from edgekd.train.checkpoints import load_model, model_payload, save_checkpoint
-from edgekd.train.losses import kd_loss_fn
-from edgekd.train.quant import convert, freeze_qat, prepare_qat, set_qat_phase
-from edgekd.train.soft_targets import load_soft_targets, view_batches
+from edgekd.train.mixed_precision import read_bits
+from edgekd.train.quant import apply_bits, convert, freeze_qat, prepare_qat, set_qat_phase
+from edgekd.train.soft_targets import load_soft_targets, student_objective
 
 log = logging.getLogger("edgekd")
 
@@ -27,8 +31,10 @@ log = logging.getLogger("edgekd")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", required=True, help="prepared-data folder")
-    parser.add_argument("--student", required=True, help="distilled FP32 student checkpoint")
-    parser.add_argument("--soft-targets", required=True, help="teacher logits of the training views")
+    parser.add_argument("--student", required=True, help="FP32 student checkpoint (distilled, or baseline)")
+    parser.add_argument("--soft-targets", default=None,
+                        help="teacher logits of the training views; none = QAT from scratch, CE only")
+    parser.add_argument("--bits", default=None, help="weight bits per layer (allocate_bits stage CSV); none = all 8")
     parser.add_argument("--out", required=True, help="QAT checkpoint to write")
     parser.add_argument("--metrics", required=True)
     parser.add_argument("--live", default=None, help="dvclive folder")
@@ -41,32 +47,36 @@ def main() -> None:
     info = load_info(args.data)
     train, val = load_split(args.data, "train"), load_split(args.data, "val")
     student, payload = load_model(args.student)
-    targets = load_soft_targets(args.soft_targets, train[0], p.seed, len(info.classes))
+    targets = load_soft_targets(args.soft_targets, train[0], p.seed, len(info.classes)) if args.soft_targets else None
     size = int(payload["image_size"])  # the student's own input side (student.image_size)
     val = (resize_batch(val[0], size), val[1])  # once, for fit and the evaluations after it
-    model = prepare_qat(student, size)  # fake-quant; QAT always runs on CPU (FX kernels)
-
-    loss_fn = kd_loss_fn(p.kd.temperature, p.kd.alpha, p.train.label_smoothing)
+    bits = read_bits(args.bits) if args.bits else {}
+    model = apply_bits(prepare_qat(student, size), bits)  # fake-quant; QAT always runs on CPU (FX kernels)
 
     def on_epoch_start(epoch: int) -> None:
         set_qat_phase(model, epoch, p.qat.freeze_bn_epoch, p.qat.freeze_observer_epoch)
 
     t = p.train
-    run_id = engine.fingerprint(as_dict(p.qat), p.kd.temperature, p.kd.alpha, t.threads, t.batch_size,
-                                t.eval_batch_size, t.weight_decay, t.label_smoothing, p.seed, size,
-                                targets["logits"], *payload["state_dict"].values(), train[1], val[1])
+    kd = (p.kd.temperature, p.kd.alpha, targets["logits"]) if targets else ()
+    run_id = engine.fingerprint(p.qat.recipe(), *kd[:2], t.threads, t.batch_size, t.eval_batch_size,
+                                t.weight_decay, t.label_smoothing, p.seed, size, *kd[2:],
+                                *payload["state_dict"].values(), train[1], val[1],
+                                *([sorted(bits.items())] if bits else []))
     # BN statistics are frozen on schedule in QAT: no re-estimation before validation.
     setup = engine.setup_from_params(p, info, device, p.qat.epochs, p.seed, args.live, run_id,
                                      bn_recalibration=False, input_size=size, select_best=False)
+    # CE + KD on the stored views, or (no soft targets: QAT from scratch) CE on fresh augmentations
+    loss_fn, batches = student_objective(p, train, setup, targets)
     result = engine.train_model(model, loss_fn, p.qat.lr, t.weight_decay, train, val, setup, on_epoch_start,
-                                batches=view_batches(*train, targets, setup))
+                                batches=batches)
     freeze_qat(model)
     fake_quant_acc = engine.evaluate(model, *val, info.mean, info.std, t.eval_batch_size)["acc"]
     int8_acc = engine.evaluate(convert(model), *val, info.mean, info.std, t.eval_batch_size)["acc"]
 
     spec = payload["model"]
     save_checkpoint(args.out, model_payload(model, spec["arch"], spec["width"],
-                                            dataclasses.replace(info, image_size=size), qat=as_dict(p.qat)))
+                                            dataclasses.replace(info, image_size=size), qat=p.qat.recipe(),
+                                            **({"weight_bits": bits} if bits else {})))
     metrics = {"val_acc_fake_quant": fake_quant_acc, "val_acc_int8_torch": int8_acc,
                "val_acc_fp32_start": engine.evaluate(student, *val, info.mean, info.std)["acc"],
                "epochs_run": result.epochs_run, "train_seconds": result.train_seconds}

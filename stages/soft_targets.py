@@ -37,7 +37,8 @@ def main() -> None:
     teachers = prepare_teachers([m.to(device) for m in load_teachers(args.teachers, params.teachers.archs, info)[0]])
 
     targets = compute_soft_targets(teachers, images, labels, params.kd.views, params.seed, info.mean, info.std,
-                                   params.train.eval_batch_size, device)
+                                   params.train.eval_batch_size, device, params.kd.ensemble)
+    # The plain mean on val even for kd.ensemble=confidence: its weights need the labels.
     ensemble_val = evaluate(lambda x: ensemble_logits(teachers, x), *val, info.mean, info.std,
                             params.train.eval_batch_size, device)["acc"]
 
@@ -45,6 +46,8 @@ def main() -> None:
     wall_s = time.perf_counter() - start
     write_metrics(args.metrics, {
         "teacher_ensemble_val_acc": ensemble_val, "views": params.kd.views,
+        # each teacher's mean weight over every view and image (1/K each for the plain mean)
+        "teacher_weights": dict(zip(params.teachers.archs, targets["teacher_weights"].round(decimals=4).tolist())),
         "ensemble_view_acc": targets["ensemble_accuracy"],  # on the augmented training views
         "images_per_s": round(params.kd.views * len(images) / wall_s, 1), "wall_s": round(wall_s, 1)})
     log.info("soft targets: %d views x %d images, ensemble acc on views %.4f, on val %.4f, %s", params.kd.views,

@@ -101,7 +101,8 @@ def expected_accuracies(repo: Path, seed_cfg: dict, misses: dict) -> list[float]
     answered = {r["image"]: r["predicted"] for r in misses["rows"]}  # images someone gets wrong
     manifest = pd.read_csv(prepared / "test.csv")
     for name, key in (("teacher ensemble", None), ("student baseline", "baseline"),
-                      ("student fp32", "fp32"), ("student int8", "int8")):
+                      ("student fp32", "fp32"), ("student int8", "int8"), ("student ptq", "ptq"),
+                      ("student mixed", "mixed"), ("student baseline_int8", "baseline_int8")):
         right = sum(answered.get(path, {name: cls})[name] == cls
                     for path, cls in zip(manifest["path"], manifest["class"]))
         if key is not None:
@@ -138,10 +139,11 @@ def test_benchmark_on_tiny_run_writes_report_and_restores_main_run(tiny_repo: Pa
     names = [row["model"] for row in results["main"]]
     assert names[:4] == ["teacher resnet18", "teacher mobilenet_v2", "teacher densenet121",
                          "teacher ensemble (mean logits)"]
-    assert [n.split(",")[0] for n in names[4:7]] == ["student baseline (no KD)", "student distilled",
-                                                     "student distilled + QAT"]
-    assert names[7].startswith("seed FP32") and names[8].startswith("seed INT8")
-    seed_int8_p50 = results["main"][8]["latency_p50_ms"]
+    assert [n.split(",")[0] for n in names[4:10]] == [
+        "student baseline (no KD)", "student distilled", "student distilled + QAT", "student distilled + PTQ",
+        "student distilled + mixed QAT", "student baseline + QAT"]
+    assert names[10].startswith("seed FP32") and names[11].startswith("seed INT8")
+    seed_int8_p50 = results["main"][11]["latency_p50_ms"]
     for row in results["main"]:
         if "latency_p50_ms" in row:
             assert 0 < row["latency_p50_ms"] <= row["latency_p90_ms"]
@@ -168,14 +170,14 @@ def test_benchmark_on_tiny_run_writes_report_and_restores_main_run(tiny_repo: Pa
     assert set(results["machine"]["simd"]) <= set(SIMD_FLAGS)
     assert re.search(r"Machine: .*, \d+ cores \(.*(with|no) VNNI\)", markdown)
     main_table = table_after(markdown, "## Main table")
-    assert len(main_table) == 9 and all(len(r) == len(MAIN_COLUMNS) for r in main_table)
+    assert len(main_table) == 12 and all(len(r) == len(MAIN_COLUMNS) for r in main_table)
     ratio = [key for key, _ in MAIN_COLUMNS].index("p50_vs_seed_int8")  # the ratios as the table shows them
     assert [r[ratio] for r in main_table] == [f"{row['p50_vs_seed_int8']:.2f}x" if "p50_vs_seed_int8" in row
                                               else "–" for row in results["main"]]
     # The misses table agrees with the accuracies: one non-✓ cell per image a model gets wrong.
     miss_table = table_after(markdown, "## Test images missed")
     assert len(miss_table) == len(results["misses"]["rows"]) > 0
-    for column, row in enumerate([results["main"][i] for i in (3, 4, 5, 6)], start=2):
+    for column, row in enumerate(results["main"][3:10], start=2):  # ensemble, then the 6 students
         wrong = sum(r[column] != "✓" for r in miss_table)
         assert wrong == round((1 - row["accuracy"]) * results["test_images"]), row["model"]
     variant_table = table_after(markdown, "## Student variants")

@@ -26,48 +26,9 @@ from tiny_pipeline import PARAMS_TRACE, REPRO_LOG, set_params, sh
 
 from edgekd.config import _LEAVES, _SECTION_PREFIX
 from edgekd.runtime import stream_seed
+from tools.dvc_deps import PACKAGES, import_closure, imported_modules, project_files, sync
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = {"edgekd": REPO / "src", "stages": REPO, "tools": REPO}  # top-level package -> its folder
-
-
-def project_files() -> list[Path]:
-    return [p for top, folder in PACKAGES.items() for p in sorted((folder / top).rglob("*.py"))]
-
-
-def module_path(name: str) -> Path | None:
-    """`edgekd.train.engine` -> src/edgekd/train/engine.py; None for modules outside the project and
-    for packages."""
-    parts = name.split(".")
-    if parts[0] not in PACKAGES:
-        return None
-    path = PACKAGES[parts[0]] / Path(*parts).with_suffix(".py")
-    return path if path.is_file() else None
-
-
-def imported_modules(path: Path) -> set[str]:
-    """Every module an `import` in `path` names (`import a.b`, `from a.b import c`, where c may be a
-    module). The project imports absolutely only (test below), so no name is relative."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return names
-
-
-def import_closure(entry: str) -> set[str]:
-    """Repo-relative paths of the project modules `python -m entry` loads (package __init__s aside)."""
-    todo, seen = [module_path(entry)], set()
-    while todo:
-        path = todo.pop()
-        if path is None or path in seen:
-            continue
-        seen.add(path)
-        todo.extend(module_path(name) for name in imported_modules(path))
-    return {str(p.relative_to(REPO)) for p in seen if p.name != "__init__.py"}
 
 
 def stages(repo: Path = REPO) -> list:
@@ -122,6 +83,14 @@ def test_package_inits_hold_no_code():
     for init in (p for p in project_files() if p.name == "__init__.py"):
         body = ast.parse(init.read_text()).body
         assert all(isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) for n in body), init
+
+
+def test_sync_rewrites_exactly_the_code_deps(tmp_path: Path):
+    text = (REPO / "dvc.yaml").read_text()
+    broken = text.replace("      - src/edgekd/train/quant.py\n", "", 1).replace(
+        "      - stages/prepare.py\n", "      - stages/prepare.py\n      - src/edgekd/train/engine.py\n", 1)
+    assert broken != text and sync(broken) == sync(text)
+    assert sync(text) == text  # the committed dvc.yaml is in sync
 
 
 @pytest.mark.parametrize("stage", stages(), ids=lambda s: s.addressing)

@@ -23,12 +23,21 @@ from edgekd.deploy.export import (
     export_onnx,
     output_step,
     read_metadata,
+    store_int4_weights,
 )
 from edgekd.deploy.sessions import make_runner
 from edgekd.errors import UserError
 from edgekd.train.engine import FitSetup, recalibrate_bn
 from edgekd.train.models import build_model
-from edgekd.train.quant import convert, freeze_qat, prepare_qat, qconfig_mapping
+from edgekd.train.quant import (
+    apply_bits,
+    calibrate,
+    convert,
+    freeze_qat,
+    prepare_qat,
+    qconfig_mapping,
+    quantized_layers,
+)
 
 ARCH = "mobilenet_v3_small"  # the stock net: SE, Hardswish, residual adds all have to quantize
 
@@ -188,7 +197,7 @@ def test_int8_gates_fire_on_a_broken_int8_file(exported, fp32, meta, val_x, tmp_
         model(val_x)
     partial = convert(freeze_qat(model).eval())
     path = export_onnx(partial, tmp_path / "partial.onnx", meta, 17)
-    with pytest.raises(UserError, match=r"partial.onnx: 1 Conv\(s\) still run in float"):
+    with pytest.raises(UserError, match=r"partial.onnx: 1 Conv\(s\) run in float in onnxruntime, expected 0"):
         check_int8_export(partial, model, path, val_x, cfg)
 
 
@@ -196,3 +205,28 @@ def test_output_step_refuses_a_float_file(exported):
     assert output_step(exported["int8"]) > 0
     with pytest.raises(UserError, match="not an INT8 export"):
         output_step(exported["fp32"])
+
+
+def test_int4_weights_round_trip_and_the_mixed_file_passes_the_gates(exported, fp32, meta, val_x, tmp_path):
+    qat = prepare_qat(fp32, meta.image_size)
+    layers = quantized_layers(qat)
+    four = [layers[2], layers[5], layers[-1]]  # two convs and the classifier's last linear
+    model = calibrate(apply_bits(qat, {layer: 4 for layer in four}), [val_x])
+    integer = convert(model)
+    weights = [integer.get_submodule(layer).weight().int_repr().numpy() for layer in four]
+    assert all(w.min() >= -7 and w.max() <= 7 for w in weights)
+    path = export_onnx(integer, tmp_path / "mixed.onnx", meta, 17)
+    assert store_int4_weights(path, weights) == 3
+    graph = onnx.load(str(path)).graph
+    stored = [onnx.numpy_helper.to_array(i).astype(np.int8) for i in graph.initializer
+              if i.data_type == onnx.TensorProto.INT4 and len(i.dims) > 1]
+    assert len(stored) == 3
+    for w in weights:  # the ONNX INT4 initializer holds exactly torch's integer weights
+        assert sum(s.shape == w.shape and np.array_equal(s, w) for s in stored) == 1
+    # half a byte saved per 4-bit weight: stored packed, two per byte (less a little for the zero points)
+    saved = exported["int8"].stat().st_size - path.stat().st_size
+    assert saved >= 0.45 * sum(w.size for w in weights), saved
+    checks = check_int8_export(integer, model, path, val_x, BRIEF_MODEL_GATES, int4_convs=2)
+    assert checks["conv_kernels"]["float"] == 2 and checks["conv_kernels"]["integer"] > 0
+    with pytest.raises(UserError, match=r"mixed.onnx: 2 Conv\(s\) run in float in onnxruntime, expected 0"):
+        check_int8_export(integer, model, path, val_x, BRIEF_MODEL_GATES)

@@ -8,7 +8,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgekd.train.engine import Batch
-from edgekd.train.losses import ensemble_logits, kd_loss, kd_loss_fn, prepare_teachers
+from edgekd.train.losses import (
+    confidence_ensemble,
+    confidence_weights,
+    ensemble_logits,
+    kd_loss,
+    kd_loss_fn,
+    prepare_teachers,
+    teacher_logits,
+)
 from edgekd.train.models import build_model
 
 
@@ -103,6 +111,35 @@ def test_ensemble_is_mean_of_teacher_logits_in_eval_mode():
     out = ensemble_logits(teachers, torch.zeros(4, 3, 8, 8))
     torch.testing.assert_close(out, ((a + b) / 2).expand(4, -1))
     assert not out.requires_grad and not out.is_inference()  # usable as a loss target
+
+
+def test_confidence_weights_hand_computed_for_3_teachers_and_2_samples():
+    # sample 0 (label 0): A is sure and right, B undecided, C sure and wrong; sample 1: all alike
+    logits = torch.tensor([[[2.0, 0.0], [0.0, 0.0], [0.0, 2.0]],
+                           [[1.0, 3.0], [1.0, 3.0], [1.0, 3.0]]])  # (N=2, K=3, C=2)
+    labels = torch.tensor([0, 1])
+    ce = [math.log(1 + math.exp(-2)), math.log(2), math.log(1 + math.exp(2))]  # -log p(label) per teacher
+    softmax = [math.exp(c) / sum(math.exp(d) for d in ce) for c in ce]
+    expected = torch.tensor([[(1 - s) / 2 for s in softmax], [1 / 3] * 3])  # CA-MKD: (1 - softmax_k) / (K - 1)
+    weights = confidence_weights(logits, labels)
+    torch.testing.assert_close(weights, expected)
+    assert weights[0, 0] > weights[0, 1] > weights[0, 2]  # the right teacher counts most
+    torch.testing.assert_close(weights.sum(1), torch.ones(2))
+    expected_logits = (expected[0, 0] * logits[0, 0] + expected[0, 1] * logits[0, 1] + expected[0, 2] * logits[0, 2])
+    combined = confidence_ensemble(logits, labels)
+    torch.testing.assert_close(combined[0], expected_logits)
+    torch.testing.assert_close(combined[1], logits[1, 0])  # equal weights of equal teachers
+    with pytest.raises(ValueError, match="compare teachers"):
+        confidence_weights(logits[:, :1], labels)
+
+
+def test_teacher_logits_stand_side_by_side_and_average_to_the_ensemble():
+    a, b = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[3.0, 0.0, -3.0]])
+    teachers, x = [_Const(a).train(), _Const(b).train()], torch.zeros(4, 3, 8, 8)
+    side_by_side = teacher_logits(teachers, x)
+    assert side_by_side.shape == (4, 2, 3) and not side_by_side.is_inference()
+    torch.testing.assert_close(side_by_side[:, 1], b.expand(4, -1))
+    torch.testing.assert_close(side_by_side.mean(1), ensemble_logits(teachers, x))
 
 
 def test_kd_closure_trains_student_against_stored_teacher_logits():

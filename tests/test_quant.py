@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 import yaml
@@ -17,7 +18,16 @@ from edgekd.deploy.sessions import make_runner
 from edgekd.train import engine
 from edgekd.train.checkpoints import load_checkpoint, model_payload, save_checkpoint
 from edgekd.train.models import build_model
-from edgekd.train.quant import convert, freeze_qat, load_qat_model, prepare_qat, set_qat_phase
+from edgekd.train.quant import (
+    apply_bits,
+    calibrate,
+    convert,
+    freeze_qat,
+    load_qat_model,
+    prepare_qat,
+    quantized_layers,
+    set_qat_phase,
+)
 
 ARCH = StudentConfig().arch  # the default student
 
@@ -113,3 +123,44 @@ def test_qat_stage_keeps_the_last_epoch_frozen(tiny_repo_template):
     metrics = json.loads((tiny_repo_template / "metrics/qat.json").read_text())
     params = yaml.safe_load((tiny_repo_template / "params.yaml").read_text())
     assert metrics["epochs_run"] == params["qat"]["epochs"]
+
+
+def test_ptq_calibration_takes_the_data_ranges_and_freezes_them(prepared_small):
+    info = load_info(prepared_small)
+    images = normalize(load_split(prepared_small, "train")[0], info.mean, info.std)
+    torch.manual_seed(0)
+    fp32 = build_model(ARCH, len(info.classes), 0.25).eval()
+    model = calibrate(prepare_qat(fp32, info.image_size), [images[:64]])
+    fqs = [m for m in model.modules() if isinstance(m, FakeQuantize)]
+    assert all(f.observer_enabled.item() == 0 and f.fake_quant_enabled.item() == 1 for f in fqs)
+    # the input's uint8 grid spans the calibration images exactly (min/max include 0)
+    first = model.activation_post_process_0
+    lo, hi = min(images[:64].min().item(), 0.0), max(images[:64].max().item(), 0.0)
+    assert first.scale.item() == pytest.approx((hi - lo) / 255, rel=1e-5)
+    with torch.no_grad():
+        before = model(images[:32])
+        model(images * 3)  # other data after calibration moves nothing
+        torch.testing.assert_close(model(images[:32]), before)
+        # no training happened: the BN-folded fake-quant model stays close to the float model
+        agreement = (model(images).argmax(1) == fp32(images).argmax(1)).float().mean().item()
+    assert agreement > 0.9
+    assert (convert(model)(images).argmax(1) == model(images).argmax(1)).float().mean().item() > 0.95
+
+
+def test_converted_weights_stay_in_each_layers_fake_quant_range(prepared_small):
+    """A symmetric grid puts each channel's largest weight at 63.5 steps (7 bits) or 7.5 (4 bits);
+    the integer model must hold what the fake-quant model computes with: -64..63 and -7..7, where a
+    plain round would give 64 and 8. Calibration observes each weight once, so the edge is reached."""
+    info = load_info(prepared_small)
+    x = normalize(load_split(prepared_small, "val")[0], info.mean, info.std)
+    torch.manual_seed(0)
+    model = prepare_qat(build_model(ARCH, len(info.classes), 0.25).eval(), info.image_size)
+    layers = quantized_layers(model)
+    integer = convert(calibrate(apply_bits(model, {layers[3]: 4}), [x]))
+    for layer in layers:
+        ints = integer.get_submodule(layer).weight().int_repr()
+        low, high = (-7, 7) if layer == layers[3] else (-64, 63)
+        assert ints.min() >= low and ints.max() <= high, layer
+        assert ints.min() == low or ints.max() == high, layer  # the grid is used to its edge
+    with torch.no_grad():
+        assert (integer(x).argmax(1) == model(x).argmax(1)).float().mean() >= 0.95

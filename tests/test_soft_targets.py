@@ -75,6 +75,22 @@ def test_ensemble_accuracy_counts_the_teachers_hits_over_every_view(sample):
         (targets["logits"].argmax(-1) == labels).float().mean().item(), abs=1e-6)
 
 
+def test_confidence_ensemble_weighs_each_teacher_per_sample_on_every_view(sample):
+    info, images, labels, mean_targets = sample
+    good, bad = _MeanColour(len(info.classes)), _MeanColour(len(info.classes))
+    with torch.no_grad():
+        bad.head.weight.mul_(-1)  # a second teacher that disagrees with the first
+    kwargs = dict(views=2, seed=7, mean=info.mean, std=info.std, batch_size=64, device=torch.device("cpu"))
+    targets = compute_soft_targets([good, bad], images, labels, ensemble="confidence", **kwargs)
+    plain = compute_soft_targets([good, bad], images, labels, ensemble="mean", **kwargs)
+    assert targets["ensemble"] == "confidence" and plain["ensemble"] == "mean"
+    assert targets["logits"].shape == plain["logits"].shape == (2, len(images), len(info.classes))
+    assert not torch.allclose(targets["logits"], plain["logits"])
+    torch.testing.assert_close(plain["teacher_weights"], torch.tensor([0.5, 0.5]))
+    assert targets["teacher_weights"].sum().item() == pytest.approx(1.0)
+    assert targets["view_hashes"] == plain["view_hashes"]  # same views, other weights
+
+
 def test_epoch_e_trains_on_view_e_mod_v_with_matching_targets(sample):
     info, images, labels, targets = sample
     setup = FitSetup(epochs=5, batch_size=16, eval_batch_size=64, seed=7, mean=info.mean, std=info.std)

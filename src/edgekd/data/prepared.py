@@ -100,3 +100,10 @@ def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Te
     mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
     return (images.float() / 255.0 - mean_t) / std_t
+
+
+def model_batches(images: Tensor, size: int, mean: Sequence[float], std: Sequence[float],
+                  batch_size: int) -> list[Tensor]:
+    """uint8 images (N, 3, H, W) as a model of input side `size` sees them, in batches (no augmentation)."""
+    images = resize_batch(images, size)
+    return [normalize(images[i:i + batch_size], mean, std) for i in range(0, len(images), batch_size)]

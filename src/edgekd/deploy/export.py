@@ -131,6 +131,58 @@ def _shorten_names(graph: onnx.GraphProto) -> None:
     del graph.value_info[:]
 
 
+def store_int4_weights(path: str | Path, int4_weights: list[np.ndarray]) -> int:
+    """Store the given integer weights of an exported INT8 file as INT4 initializers (opset 21).
+
+    The torch export writes every quantized weight as an INT8 initializer feeding a
+    DequantizeLinear; a layer with 4-bit weights holds values in -7..7 there. Each array of
+    `int4_weights` (the converted torch model's integer weights of one 4-bit layer) is found by
+    shape and value, stored as INT4 (two per byte) with an INT4 zero point of its own, and the
+    opset raised to 21, the first with INT4 DequantizeLinear. onnxruntime runs such a layer as
+    DequantizeLinear -> float Conv: it saves bytes, not time. Returns the number of layers stored.
+    """
+    path = Path(path)
+    model = onnx.load(str(path))
+    graph = model.graph
+    for weights in int4_weights:
+        matches = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8
+                   and tuple(i.dims) == weights.shape and np.array_equal(onnx.numpy_helper.to_array(i), weights)]
+        require(len(matches) == 1, path, f"{len(matches)} INT8 initializers match a 4-bit layer of shape "
+                f"{weights.shape}; expected exactly one")
+        init = matches[0]
+        require(int(weights.min()) >= -8 and int(weights.max()) <= 7, path, "a 4-bit layer's weights exceed -8..7")
+        init.CopyFrom(int4_tensor(init.name, weights))
+        zero_points = {i.name: i for i in graph.initializer}
+        for node in graph.node:
+            if node.op_type == "DequantizeLinear" and node.input[0] == init.name:
+                zp = onnx.numpy_helper.to_array(zero_points[node.input[2]])
+                name = f"{init.name}_zp_int4"
+                graph.initializer.append(int4_tensor(name, zp))
+                node.input[2] = name
+    used = {name for node in graph.node for name in node.input}
+    kept = [i for i in graph.initializer if i.name in used]  # INT8 zero points left behind go
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = max(opset.version, 21)
+    onnx.checker.check_model(model, full_check=True)
+    tmp_path = path.with_name(path.name + ".tmp")
+    onnx.save(model, str(tmp_path))
+    tmp_path.replace(path)
+    return len(int4_weights)
+
+
+def int4_tensor(name: str, values: np.ndarray) -> onnx.TensorProto:
+    """An INT4 initializer holding `values` (-8..7), two per byte in raw data, the first element in
+    the low nibble (the ONNX layout; `make_tensor` with a value list would spend a varint on each)."""
+    nibbles = (values.astype(np.int8).ravel() & 0x0F).astype(np.uint8)
+    if len(nibbles) % 2:
+        nibbles = np.append(nibbles, np.uint8(0))
+    packed = nibbles[0::2] | (nibbles[1::2] << 4)
+    return onnx.helper.make_tensor(name, onnx.TensorProto.INT4, values.shape, packed.tobytes(), raw=True)
+
+
 def conv_kernels(path: str | Path) -> dict[str, int]:
     """Count integer vs float Conv kernels in the graph onnxruntime runs (ORT_ENABLE_ALL)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -176,10 +228,11 @@ def check_fp32_export(model: nn.Module, path: str | Path, images: torch.Tensor, 
 
 
 def check_int8_export(int8_model: nn.Module, fake_quant: nn.Module, path: str | Path, images: torch.Tensor,
-                      cfg: ExportConfig) -> dict:
+                      cfg: ExportConfig, int4_convs: int = 0) -> dict:
     """The gates an INT8 file must pass, on real images; raises on the first that fails.
 
-    - every Conv runs as an integer kernel in onnxruntime (a float Conv is a broken export);
+    - every Conv runs as an integer kernel in onnxruntime (a float Conv is a broken export), except
+      the `int4_convs` convs with INT4 weights, which onnxruntime runs in float (and no more);
     - against the converted integer torch model, the same integers in another engine: top-1
       agreement >= export.min_int8_agreement and max |logit| difference within
       export.int8_logit_tolerance_steps steps of the output grid.
@@ -187,7 +240,8 @@ def check_int8_export(int8_model: nn.Module, fake_quant: nn.Module, path: str | 
     float, and its distance from either integer engine is a property of QAT, not of the export.
     """
     convs = conv_kernels(path)
-    require(convs["float"] == 0, path, f"{convs['float']} Conv(s) still run in float in onnxruntime")
+    require(convs["float"] == int4_convs, path, f"{convs['float']} Conv(s) run in float in onnxruntime, "
+            f"expected {int4_convs} (the INT4-weight ones)")
     runner = make_runner(path)
     vs_int8 = compare(int8_model, runner, images)
     step = output_step(path)

@@ -63,6 +63,34 @@ def ensemble_logits(teachers: Sequence[nn.Module], x: Tensor) -> Tensor:
     return mean.clone()
 
 
+def teacher_logits(teachers: Sequence[nn.Module], x: Tensor) -> Tensor:
+    """Every teacher's logits for the same input batch, side by side: (B, 3, H, W) -> (B, K, C)."""
+    with torch.inference_mode():
+        x = x.contiguous(memory_format=torch.channels_last)
+        logits = torch.stack([t.eval()(x) for t in teachers], dim=1)  # (B, K, C)
+    return logits.clone()
+
+
+def confidence_weights(logits: Tensor, labels: Tensor) -> Tensor:
+    """Per-sample teacher weights (N, K) from their logits (N, K, C) and the true labels (N,).
+
+    CA-MKD (Zhang, Chen & Wang 2022, "Confidence-Aware Multi-Teacher Knowledge Distillation",
+    arXiv:2201.00007): w_k = (1 - softmax_k(CE_k)) / (K - 1), where CE_k is teacher k's
+    cross-entropy on the sample's label. A teacher that fits the sample well weighs more, one that
+    is wrong on it less; the weights of a sample sum to 1 and equal 1/K when all teachers fit alike.
+    """
+    n, k, c = logits.shape
+    if k < 2:
+        raise ValueError(f"confidence weights compare teachers; got {k}")
+    ce = F.cross_entropy(logits.reshape(n * k, c), labels.repeat_interleave(k), reduction="none").view(n, k)
+    return (1 - ce.softmax(dim=1)) / (k - 1)
+
+
+def confidence_ensemble(logits: Tensor, labels: Tensor) -> Tensor:
+    """Teacher logits (N, K, C) combined with their confidence weights: (N, C)."""
+    return (confidence_weights(logits, labels).unsqueeze(-1) * logits).sum(dim=1)
+
+
 def ce_loss_fn(label_smoothing: float) -> LossFn:
     """Training closure for `engine.fit`: plain (label-smoothed) cross-entropy."""
 

@@ -20,17 +20,21 @@ from __future__ import annotations
 import copy
 import warnings
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from torch import nn
 from torch.ao.nn.intrinsic import qat as nniqat
 from torch.ao.quantization import (
     FakeQuantize,
+    FakeQuantizeBase,
     MovingAverageMinMaxObserver,
     MovingAveragePerChannelMinMaxObserver,
     QConfig,
     QConfigMapping,
+    disable_fake_quant,
     disable_observer,
+    enable_fake_quant,
     enable_observer,
 )
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
@@ -49,6 +53,62 @@ INT8_WEIGHT_RANGE = (-64, 63)
 WEIGHT_FQ = FakeQuantize.with_args(
     observer=MovingAveragePerChannelMinMaxObserver, quant_min=INT8_WEIGHT_RANGE[0], quant_max=INT8_WEIGHT_RANGE[1],
     dtype=torch.qint8, qscheme=torch.per_channel_symmetric, reduce_range=False, ch_axis=0)
+
+
+# Per-layer bit widths of mixed precision (edgekd.train.mixed_precision chooses them): 4-bit weights
+# per-channel symmetric -7..7 (the max maps to 7 exactly, so torch's integer weights and the ONNX
+# INT4 initializers hold the same values), 16-bit activations unsigned.
+WEIGHT_RANGES = {8: INT8_WEIGHT_RANGE, 4: (-7, 7)}  # weight bits -> stored integer range (symmetric)
+ACTIVATION_RANGES = {8: (0, 255), 16: (0, 65535)}  # activation bits -> unsigned range
+
+
+def quantized_layers(model: torch.fx.GraphModule) -> list[str]:
+    """Names of the layers with quantized weights (convs, linear), in graph order."""
+    return [n.target for n in model.graph.nodes
+            if n.op == "call_module" and hasattr(model.get_submodule(n.target), "weight_fake_quant")]
+
+
+def layer_weights(model: torch.fx.GraphModule) -> dict[str, int]:
+    return {name: model.get_submodule(name).weight.numel() for name in quantized_layers(model)}
+
+
+def output_fake_quant(model: torch.fx.GraphModule, layer: str) -> FakeQuantizeBase:
+    """The fake-quant module that quantizes `layer`'s output (the next node in the FX graph)."""
+    node = next(n for n in model.graph.nodes if n.op == "call_module" and n.target == layer)
+    users = [u for u in node.users
+             if u.op == "call_module" and isinstance(model.get_submodule(u.target), FakeQuantizeBase)]
+    if len(users) != 1:
+        raise ValueError(f"{layer}: expected one output fake-quant, found {len(users)}")
+    return model.get_submodule(users[0].target)
+
+
+def set_range(fake_quant: FakeQuantizeBase, quant_min: int, quant_max: int) -> None:
+    """Give a fake-quant module another integer range; its scale and zero point are re-derived from
+    the ranges its observer has seen (or at its first observation)."""
+    observer = fake_quant.activation_post_process
+    fake_quant.quant_min, fake_quant.quant_max = quant_min, quant_max
+    observer.quant_min, observer.quant_max = quant_min, quant_max
+    if not (observer.min_val.numel() and torch.isfinite(observer.min_val).all()):
+        return  # nothing observed yet: the next observation derives the grid in the new range
+    scale, zero_point = observer.calculate_qparams()
+    fake_quant.scale.resize_(scale.shape).copy_(scale)
+    fake_quant.zero_point.resize_(zero_point.shape).copy_(zero_point)
+
+
+def set_layer_bits(model: torch.fx.GraphModule, layer: str, weight_bits: int | None = None,
+                   activation_bits: int | None = None) -> None:
+    """Requantize one layer of a calibrated fake-quant model with other bit widths."""
+    if weight_bits is not None:
+        set_range(model.get_submodule(layer).weight_fake_quant, *WEIGHT_RANGES[weight_bits])
+    if activation_bits is not None:
+        set_range(output_fake_quant(model, layer), *ACTIVATION_RANGES[activation_bits])
+
+
+def apply_bits(model: torch.fx.GraphModule, weight_bits: dict[str, int]) -> torch.fx.GraphModule:
+    """Every layer's weights at its assigned bits (layers not named keep theirs)."""
+    for layer, bits in weight_bits.items():
+        set_layer_bits(model, layer, weight_bits=bits)
+    return model
 
 
 def qconfig_mapping() -> QConfigMapping:
@@ -89,16 +149,55 @@ def freeze_qat(model: nn.Module) -> nn.Module:
     return model
 
 
+@torch.no_grad()
+def calibrate(model: torch.fx.GraphModule, batches: Iterable[torch.Tensor]) -> torch.fx.GraphModule:
+    """Post-training static quantization of a `prepare_qat` model: the PTQ control for QAT.
+
+    The observers record the ranges of the float model's activations and its BN-folded weights
+    (fake-quant off while they look, BN on its running statistics, no gradient step), then the model
+    is frozen. Same scheme, same observers, same frozen state as a model after QAT: only the
+    training differs, so the two compare what QAT buys. `batches`: normalised float (B, 3, H, W).
+    """
+    model.eval()
+    model.apply(disable_fake_quant)
+    model.apply(enable_observer)
+    for x in batches:
+        model(x)
+    model.apply(enable_fake_quant)
+    return freeze_qat(model)
+
+
 def convert(qat_model: nn.Module) -> torch.fx.GraphModule:
     """Integer torch model (quantized kernels) from a fake-quant model; the input is left untouched."""
     torch.backends.quantized.engine = BACKEND
     model = copy.deepcopy(qat_model).cpu().eval()
+    ranges = {name: (m.weight_fake_quant.quant_min, m.weight_fake_quant.quant_max)
+              for name, m in model.named_modules() if hasattr(m, "weight_fake_quant")}
     with warnings.catch_warnings():  # "quantized tensor creation is deprecated" per layer
         warnings.simplefilter("ignore")
         integer = convert_fx(model)
+        for name, (low, high) in ranges.items():
+            _clamp_weights(integer.get_submodule(name), low, high)
     integer.register_forward_pre_hook(_determinism_alerts_off)
     integer.register_forward_hook(_determinism_alerts_back, always_call=True)
     return integer
+
+
+def _clamp_weights(module: nn.Module, low: int, high: int) -> None:
+    """Integer weights clamped to the layer's fake-quant range, as the fake-quant model clamps them.
+
+    convert_fx rounds weight / scale and clamps to the storage type (-128..127) only. A symmetric
+    grid maps the largest weight to 63.5 (7 bits) or 7.5 (4 bits) steps, which rounds to 64 or 8,
+    and weights that grew after the ranges froze land further out: without this clamp an exported
+    "7-bit" layer held values up to +-70 (saturating AVX2's int16 pair sums), a 4-bit one left -8..7.
+    """
+    weight = module.weight()
+    ints = weight.int_repr()
+    if int(ints.min()) >= low and int(ints.max()) <= high:
+        return
+    clamped = torch._make_per_channel_quantized_tensor(ints.clamp(low, high), weight.q_per_channel_scales(),
+                                                        weight.q_per_channel_zero_points(), weight.q_per_channel_axis())
+    module.set_weight_bias(clamped, module.bias())
 
 
 def _determinism_alerts_off(module: nn.Module, args: tuple) -> None:
@@ -116,9 +215,11 @@ def _determinism_alerts_back(module: nn.Module, args: tuple, output: object) -> 
     torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
-def rebuild_qat(fp32_model: nn.Module, image_size: int, state_dict: dict) -> torch.fx.GraphModule:
-    """Frozen fake-quant model from an architecture and a saved QAT state dict (ranges included)."""
-    model = prepare_qat(fp32_model, image_size)
+def rebuild_qat(fp32_model: nn.Module, image_size: int, state_dict: dict,
+                weight_bits: dict[str, int] | None = None) -> torch.fx.GraphModule:
+    """Frozen fake-quant model from an architecture and a saved QAT state dict (ranges included);
+    `weight_bits`: the layers a mixed-precision model quantizes with other than 8 bits."""
+    model = apply_bits(prepare_qat(fp32_model, image_size), weight_bits or {})
     model.load_state_dict(state_dict)
     return freeze_qat(model).eval()
 
@@ -129,7 +230,7 @@ def load_qat_model(path: str | Path) -> tuple[torch.fx.GraphModule, dict]:
     try:
         spec = payload["model"]
         fp32 = build_model(spec["arch"], int(spec["num_classes"]), float(spec["width"]))
-        model = rebuild_qat(fp32, int(payload["image_size"]), payload["state_dict"])
+        model = rebuild_qat(fp32, int(payload["image_size"]), payload["state_dict"], payload.get("weight_bits"))
     except (KeyError, TypeError, RuntimeError) as err:
         raise UserError(f"{path}: not a QAT checkpoint of this project ({type(err).__name__}: {err})") from None
     return model, payload

@@ -15,6 +15,7 @@ differs by one pixel fail loudly instead of training on mismatched targets.
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -27,7 +28,14 @@ from edgekd.errors import UserError
 from edgekd.train.augment import augment_batch
 from edgekd.train.checkpoints import load_checkpoint, save_checkpoint
 from edgekd.train.engine import Batch, BatchSource, FitSetup, LossFn, iterate_batches, predict_logits
-from edgekd.train.losses import ce_loss_fn, ensemble_logits, kd_loss_fn
+from edgekd.train.losses import (
+    ce_loss_fn,
+    confidence_ensemble,
+    confidence_weights,
+    ensemble_logits,
+    kd_loss_fn,
+    teacher_logits,
+)
 
 RENDER_CHUNK = 256  # images augmented per generator call; part of a view's definition
 
@@ -45,18 +53,30 @@ def pixel_hash(images: Tensor) -> str:
 
 def compute_soft_targets(teachers: Sequence[nn.Module], images: Tensor, labels: Tensor, views: int,
                          seed: int, mean: Sequence[float], std: Sequence[float], batch_size: int,
-                         device: torch.device) -> dict:
-    """Ensemble logits (V, N, C) of every view, the views' pixel hashes and the ensemble's accuracy
-    on them (how much the targets themselves err on augmented training images)."""
-    logits, hashes = [], []
-    for view in tqdm(range(views), desc="soft targets", leave=False):
+                         device: torch.device, ensemble: str = "mean") -> dict:
+    """Ensemble logits (V, N, C) of every view, the views' pixel hashes, the ensemble's accuracy on
+    them (how much the targets themselves err on augmented training images) and each teacher's
+    mean weight (K,) in the ensemble.
+
+    `ensemble` (kd.ensemble): "mean" averages the teachers' logits; "confidence" weights each
+    teacher per sample by how well it fits that sample's label (losses.confidence_weights).
+    """
+    logits, hashes, weights = [], [], []
+    for view in tqdm(range(views), desc="soft targets", leave=False, disable=not sys.stderr.isatty()):
         pixels = render_view(images, seed, view)
         hashes.append(pixel_hash(pixels))
-        logits.append(predict_logits(lambda x: ensemble_logits(teachers, x), pixels, mean, std, batch_size, device))
+        if ensemble == "mean":
+            logits.append(predict_logits(lambda x: ensemble_logits(teachers, x), pixels, mean, std, batch_size, device))
+            weights.append(torch.full((len(images), len(teachers)), 1 / len(teachers)))
+        else:
+            per_teacher = predict_logits(lambda x: teacher_logits(teachers, x), pixels, mean, std, batch_size, device)
+            logits.append(confidence_ensemble(per_teacher, labels))
+            weights.append(confidence_weights(per_teacher, labels))
     stacked = torch.stack(logits)  # (V, N, C)
     accuracy = (stacked.argmax(-1) == labels).float().mean().item()
     return {"logits": stacked, "view_hashes": hashes, "seed": seed, "num_images": len(images),
-            "ensemble_accuracy": accuracy}
+            "ensemble": ensemble, "ensemble_accuracy": accuracy,
+            "teacher_weights": torch.stack(weights).mean(dim=(0, 1))}
 
 
 def save_soft_targets(path: str | Path, targets: dict) -> None:

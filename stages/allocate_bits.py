@@ -1,0 +1,61 @@
+"""Stage `allocate_bits`: weight bits per layer (4 or 8) for mixed-precision QAT, from the measured
+sensitivities, under the budget `qat.avg_weight_bits` (edgekd.train.mixed_precision.allocate_bits).
+
+Writes the assignment as a CSV of one line per layer, git-tracked, so `git diff` and the PR report
+show which layers changed bits, and its summary (average bits, weights at 4 bits) as metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+from pathlib import Path
+
+from edgekd.config import load_params
+from edgekd.errors import UserError
+from edgekd.runtime import run_stage, write_metrics
+from edgekd.train.mixed_precision import allocate_bits, average_bits
+
+log = logging.getLogger("edgekd")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sensitivity", required=True, help="the sensitivity stage's metrics JSON")
+    parser.add_argument("--out", required=True, help="CSV to write: layer, weights, weight_bits")
+    parser.add_argument("--metrics", required=True)
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args()
+    p = load_params(args.params)
+    try:
+        layers = json.loads(Path(args.sensitivity).read_text())["layers"]
+        weights = {name: int(m["weights"]) for name, m in layers.items()}
+        sensitivity = {name: float(m["weight4_kl"]) for name, m in layers.items()}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{args.sensitivity}: not a sensitivity report ({err}); rerun the sensitivity stage") from None
+    names = list(layers)  # graph order: the first conv first, the classifier last
+    keep = [names[0], names[-1]] if p.qat.keep_first_last_8bit else []
+    try:
+        bits = allocate_bits(sensitivity, weights, p.qat.avg_weight_bits, keep)
+    except ValueError as err:
+        raise UserError(f"params: qat.avg_weight_bits: {err}") from None
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["layer", "weights", "weight_bits"])
+        writer.writerows([name, weights[name], bits[name]] for name in names)
+    four = [name for name in names if bits[name] == 4]
+    metrics = {"avg_weight_bits": round(average_bits(bits, weights), 4), "budget": p.qat.avg_weight_bits,
+               "layers_4bit": len(four), "layers": len(names),
+               "weights_4bit": sum(weights[n] for n in four), "weights": sum(weights.values()),
+               "sensitivity_4bit": round(sum(sensitivity[n] for n in four), 6)}
+    write_metrics(args.metrics, metrics)
+    log.info("allocate_bits: %d of %d layers at 4 bits, %.3f average weight bits (budget %.2f)", len(four),
+             len(names), metrics["avg_weight_bits"], p.qat.avg_weight_bits)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,59 @@
+"""Stage `sensitivity`: what lowering each layer of the distilled FP32 student alone costs.
+
+On the PTQ model (the INT8 scheme, calibrated as in stage `ptq`), one layer at a time: its weights
+at 4 bits, or its output activations at 16 bits, everything else at 8; scored on val by the KL
+divergence of the logits from the FP32 model's and by the accuracy drop (edgekd.train.mixed_precision).
+Writes the per-layer figures as metrics and a sorted bar plot, so a pull request shows them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+from pathlib import Path
+
+from edgekd.config import load_params
+from edgekd.data.prepared import load_info, load_split, model_batches
+from edgekd.runtime import run_stage, select_device, write_metrics
+from edgekd.train.checkpoints import load_model
+from edgekd.train.mixed_precision import layer_sensitivity, logits_of
+from edgekd.train.quant import calibrate, prepare_qat
+
+log = logging.getLogger("edgekd")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", required=True, help="prepared-data folder")
+    parser.add_argument("--student", required=True, help="distilled FP32 student checkpoint")
+    parser.add_argument("--metrics", required=True, help="per-layer sensitivity JSON to write")
+    parser.add_argument("--plot", required=True, help="CSV to write, one row per layer, most sensitive first")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args()
+    p = load_params(args.params)
+    select_device("cpu", p.train.threads)  # fake-quant FX modules run on CPU
+
+    info = load_info(args.data)
+    train, (val, labels) = load_split(args.data, "train")[0], load_split(args.data, "val")
+    student, payload = load_model(args.student)
+    size, batch = int(payload["image_size"]), p.train.eval_batch_size
+    calibration = model_batches(train[:p.ptq.calibration_images], size, info.mean, info.std, batch)
+    model = calibrate(prepare_qat(student, size), calibration)
+    val_batches = model_batches(val, size, info.mean, info.std, batch)
+    result = layer_sensitivity(model, logits_of(student.eval(), val_batches), labels, val_batches)
+
+    write_metrics(args.metrics, result)
+    ranked = sorted(result["layers"].items(), key=lambda item: -item[1]["weight4_kl"])
+    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.plot, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["layer", "weights", "weight4_kl", "weight4_acc_drop", "act16_kl_gain"])
+        writer.writerows([name, m["weights"], f"{m['weight4_kl']:.6g}", f"{m['weight4_acc_drop']:.6g}",
+                          f"{m['act16_kl_gain']:.6g}"] for name, m in ranked)
+    log.info("sensitivity: %d layers; INT8 KL %.5f; most sensitive at 4-bit weights: %s", len(ranked),
+             result["int8_kl"], ", ".join(f"{n} ({m['weight4_kl']:.4f})" for n, m in ranked[:3]))
+
+
+if __name__ == "__main__":
+    run_stage(main)
