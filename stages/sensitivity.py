@@ -1,6 +1,7 @@
 """Stage `sensitivity`: what lowering each layer of the distilled FP32 student alone costs.
 
-On the PTQ model (the INT8 scheme, calibrated as in stage `ptq`), one layer at a time: its weights
+On the PTQ model (stage `ptq`'s checkpoint: the INT8 scheme, calibrated, so its observers hold the
+float ranges every variant re-derives its grid from), one layer at a time: its weights
 at 4 bits, or its output activations at 16 bits, everything else at 8; scored on val by the KL
 divergence of the logits from the FP32 model's and by the accuracy drop (edgekd.train.mixed_precision).
 Writes the per-layer figures as metrics and a sorted bar plot, so a pull request shows them.
@@ -18,7 +19,7 @@ from edgekd.data.prepared import load_info, load_split, model_batches
 from edgekd.runtime import run_stage, select_device, write_metrics
 from edgekd.train.checkpoints import load_model
 from edgekd.train.mixed_precision import layer_sensitivity, logits_of
-from edgekd.train.quant import calibrate, prepare_qat
+from edgekd.train.quant import load_qat_model
 
 log = logging.getLogger("edgekd")
 
@@ -27,6 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", required=True, help="prepared-data folder")
     parser.add_argument("--student", required=True, help="distilled FP32 student checkpoint")
+    parser.add_argument("--ptq", required=True, help="its PTQ checkpoint (stage ptq)")
     parser.add_argument("--metrics", required=True, help="per-layer sensitivity JSON to write")
     parser.add_argument("--plot", required=True, help="CSV to write, one row per layer, most sensitive first")
     parser.add_argument("--params", default="params.yaml")
@@ -35,11 +37,10 @@ def main() -> None:
     select_device("cpu", p.train.threads)  # fake-quant FX modules run on CPU
 
     info = load_info(args.data)
-    train, (val, labels) = load_split(args.data, "train")[0], load_split(args.data, "val")
+    val, labels = load_split(args.data, "val")
     student, payload = load_model(args.student)
+    model, _ = load_qat_model(args.ptq)
     size, batch = int(payload["image_size"]), p.train.eval_batch_size
-    calibration = model_batches(train[:p.ptq.calibration_images], size, info.mean, info.std, batch)
-    model = calibrate(prepare_qat(student, size), calibration)
     val_batches = model_batches(val, size, info.mean, info.std, batch)
     result = layer_sensitivity(model, logits_of(student.eval(), val_batches), labels, val_batches)
 
