@@ -41,13 +41,14 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
     p = load_params(args.params)
-    seed_everything(p.seed)
+    seed_everything(p.student.seed)
     device = select_device("cpu", p.train.threads)  # quantized FX modules run on CPU only
 
     info = load_info(args.data)
     train, val = load_split(args.data, "train"), load_split(args.data, "val")
     student, payload = load_model(args.student)
-    targets = load_soft_targets(args.soft_targets, train[0], p.seed, len(info.classes)) if args.soft_targets else None
+    targets = (load_soft_targets(args.soft_targets, train, p.seed, len(info.classes), p.kd.ensemble)
+               if args.soft_targets else None)
     size = int(payload["image_size"])  # the student's own input side (student.image_size)
     val = (resize_batch(val[0], size), val[1])  # once, for fit and the evaluations after it
     bits = read_bits(args.bits) if args.bits else {}
@@ -59,11 +60,11 @@ def main() -> None:
     t = p.train
     kd = (p.kd.temperature, p.kd.alpha, targets["logits"]) if targets else ()
     run_id = engine.fingerprint(p.qat.recipe(), *kd[:2], t.threads, t.batch_size, t.eval_batch_size,
-                                t.weight_decay, t.label_smoothing, p.seed, size, *kd[2:],
+                                t.weight_decay, t.label_smoothing, p.student.seed, size, *kd[2:],
                                 *payload["state_dict"].values(), train[1], val[1],
                                 *([sorted(bits.items())] if bits else []))
     # BN statistics are frozen on schedule in QAT: no re-estimation before validation.
-    setup = engine.setup_from_params(p, info, device, p.qat.epochs, p.seed, args.live, run_id,
+    setup = engine.setup_from_params(p, info, device, p.qat.epochs, p.student.seed, args.live, run_id,
                                      bn_recalibration=False, input_size=size, select_best=False)
     # CE + KD on the stored views, or (no soft targets: QAT from scratch) CE on fresh augmentations
     loss_fn, batches = student_objective(p, train, setup, targets)

@@ -1,7 +1,8 @@
-"""Stage `soft_targets`: the teacher ensemble's logits on `kd.views` augmented views of the training set.
+"""Stage `soft_targets`: every teacher's logits on `kd.views` augmented views of the training set.
 
-Computed once per set of teachers; `distill` and `qat` read them, so student experiments never run
-a teacher (see src/edgekd/train/soft_targets.py).
+Computed once per set of teachers; `distill` and the QAT stages read them and combine the teachers
+as kd.ensemble says, so student experiments never run a teacher (src/edgekd/train/soft_targets.py).
+The metrics show both ensembles on the views, so the two can be compared before any student trains.
 """
 
 from __future__ import annotations
@@ -10,13 +11,13 @@ import argparse
 import logging
 import time
 
-from edgekd.config import load_params
+from edgekd.config import ENSEMBLES, load_params
 from edgekd.data.prepared import load_info, load_split
 from edgekd.runtime import run_stage, seed_everything, select_device, write_metrics
 from edgekd.train.checkpoints import load_teachers
 from edgekd.train.engine import evaluate
 from edgekd.train.losses import ensemble_logits, prepare_teachers
-from edgekd.train.soft_targets import compute_soft_targets, save_soft_targets
+from edgekd.train.soft_targets import combine_teachers, compute_soft_targets, save_soft_targets
 
 log = logging.getLogger("edgekd")
 
@@ -37,21 +38,26 @@ def main() -> None:
     teachers = prepare_teachers([m.to(device) for m in load_teachers(args.teachers, params.teachers.archs, info)[0]])
 
     targets = compute_soft_targets(teachers, images, labels, params.kd.views, params.seed, info.mean, info.std,
-                                   params.train.eval_batch_size, device, params.kd.ensemble)
-    # The plain mean on val even for kd.ensemble=confidence: its weights need the labels.
+                                   params.train.eval_batch_size, device)
+    # The plain mean on val: confidence weights need the labels, which a deployed model never has.
     ensemble_val = evaluate(lambda x: ensemble_logits(teachers, x), *val, info.mean, info.std,
                             params.train.eval_batch_size, device)["acc"]
+    schemes = ENSEMBLES if len(teachers) > 1 else ("mean",)  # confidence weights compare teachers
+    ensembles = {name: combine_teachers(targets["teacher_logits"], labels, name) for name in schemes}
+    view_acc = {name: (logits.argmax(-1) == labels).float().mean().item() for name, (logits, _) in ensembles.items()}
 
     save_soft_targets(args.out, targets)
     wall_s = time.perf_counter() - start
     write_metrics(args.metrics, {
         "teacher_ensemble_val_acc": ensemble_val, "views": params.kd.views,
-        # each teacher's mean weight over every view and image (1/K each for the plain mean)
-        "teacher_weights": dict(zip(params.teachers.archs, targets["teacher_weights"].round(decimals=4).tolist())),
-        "ensemble_view_acc": targets["ensemble_accuracy"],  # on the augmented training views
+        # each ensemble's accuracy on the augmented training views (how much the targets themselves err)
+        # and each teacher's mean weight in it over every view and image
+        "ensemble_view_acc": view_acc,
+        "teacher_weights": {name: dict(zip(params.teachers.archs, weights.round(decimals=4).tolist()))
+                            for name, (_, weights) in ensembles.items() if name != "mean"},
         "images_per_s": round(params.kd.views * len(images) / wall_s, 1), "wall_s": round(wall_s, 1)})
-    log.info("soft targets: %d views x %d images, ensemble acc on views %.4f, on val %.4f, %s", params.kd.views,
-             len(images), targets["ensemble_accuracy"], ensemble_val, args.out)
+    log.info("soft targets: %d views x %d images, ensemble acc on views %s, on val %.4f, %s", params.kd.views,
+             len(images), " ".join(f"{k} {v:.4f}" for k, v in view_acc.items()), ensemble_val, args.out)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Stages `baseline` (student, CE only) and `distill` (student, CE + KD from the teacher ensemble).
 
-Both use the same schedule and seed. `distill` trains on the augmented views that the teachers labelled
+Both use the same schedule and seed (student.seed). `distill` trains on the augmented views that the teachers labelled
 in the soft_targets stage (view e mod V in epoch e), `baseline` on freshly augmented batches.
 """
 
@@ -37,17 +37,17 @@ def main() -> None:
     if args.mode == "distill" and not args.soft_targets:
         raise UserError("--mode distill needs --soft-targets FILE")
     start = time.perf_counter()
-    seed_everything(params.seed)
+    cfg = params.student
+    seed_everything(cfg.seed)
     device = select_device(params.train.device, params.train.threads)
     info, train, val = load_info(args.data), load_split(args.data, "train"), load_split(args.data, "val")
-    cfg = params.student
-    targets = (load_soft_targets(args.soft_targets, train[0], params.seed, len(info.classes))
+    targets = (load_soft_targets(args.soft_targets, train, params.seed, len(info.classes), params.kd.ensemble)
                if args.mode == "distill" else None)
     kd_id = [] if targets is None else [params.kd.temperature, params.kd.alpha, targets["logits"]]
     model = build_model(cfg.arch, len(info.classes), cfg.width)
     size = cfg.image_size or info.image_size
-    run_id = fingerprint(args.mode, params.seed, as_dict(params.train), as_dict(cfg), *kd_id, *train, *val)
-    setup = setup_from_params(params, info, device, cfg.epochs, params.seed, args.live, run_id, input_size=size)
+    run_id = fingerprint(args.mode, as_dict(params.train), as_dict(cfg), *kd_id, *train, *val)
+    setup = setup_from_params(params, info, device, cfg.epochs, cfg.seed, args.live, run_id, input_size=size)
     loss_fn, batches = student_objective(params, train, setup, targets)
 
     result = train_model(model, loss_fn, cfg.lr, params.train.weight_decay, train, val, setup, batches=batches)

@@ -125,7 +125,9 @@ def test_benchmark_on_tiny_run_writes_report_and_restores_main_run(tiny_repo: Pa
     require(SEED_MODELS, "reference/seed-models/rice-image/")
     config = {
         "overrides": {"student": {"epochs": 1}},
-        "variants": [{"student.width": 0.5}, {"student.arch": "mobilenet_v3_small"}],
+        "student_seeds": [42, 1],
+        "compare_ensembles": ["confidence"],
+        "variants": [{"student.arch": "mobilenet_v3_small"}],
         "seed_models": {"fp32": str(SEED_MODELS / "student_fp32_qat.onnx"),
                         "int8": str(SEED_MODELS / "student_int8_static.onnx"),
                         "image_size": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
@@ -151,13 +153,30 @@ def test_benchmark_on_tiny_run_writes_report_and_restores_main_run(tiny_repo: Pa
     assert [r["accuracy"] for r in results["main"]] == pytest.approx(
         expected_accuracies(tiny_repo, config["seed_models"], results["misses"]), abs=1e-6)
 
-    # Each variant departs from the main run: the second one is back at width 0.25.
+    # Every recipe over both student seeds; the main seed's figures are the main table's.
+    recipes = {r["key"]: r for r in results["recipes"]}
+    assert list(recipes) == ["baseline", "fp32", "ptq", "baseline_int8", "int8", "mixed"]
+    main_acc = {r["model"].split(",")[0]: r["accuracy"] for r in results["main"]}
+    assert recipes["int8"]["seeds"]["42"] == main_acc["student distilled + QAT"]
+    assert recipes["baseline"]["seeds"]["42"] == main_acc["student baseline (no KD)"]
+    for row in recipes.values():
+        assert list(row["seeds"]) == ["42", "1"]
+        values = list(row["seeds"].values())
+        assert row["mean"] == pytest.approx(np.mean(values)) and row["std"] == pytest.approx(np.std(values, ddof=1))
+    # kd.ensemble mean (the main scheme) vs confidence, on val, over the same seeds
+    ensembles = {r["model"]: r for r in results["ensembles"]}
+    assert list(ensembles) == ["kd.ensemble: mean", "kd.ensemble: confidence"]
+    assert all(list(r["seeds"]) == ["42", "1"] for r in ensembles.values())
+    distill_val = json.loads((tiny_repo / "metrics/distill.json").read_text())["val_acc"]
+    assert ensembles["kd.ensemble: mean"]["seeds"]["42"] == distill_val  # the restored main run's
+
+    # A variant departs from the main run's params.
     assert [(v["arch"], v["width"]) for v in results["variants"]] == [
-        (DEFAULT_ARCH, 0.25), (DEFAULT_ARCH, 0.5), ("mobilenet_v3_small", 0.25)]
+        (DEFAULT_ARCH, 0.25), ("mobilenet_v3_small", 0.25)]
     pipeline = results["pipeline"]
     assert {"prepare", "train_teacher@resnet18", "distill", "qat", "export", "evaluate"} <= set(pipeline["stages"])
     incremental = pipeline["incremental"]
-    assert incremental["teachers_skipped"]
+    assert incremental["command"] == "dvc exp run -S student.seed=1" and incremental["teachers_skipped"]
     assert {"train_teacher@resnet18", "train_teacher@mobilenet_v2", "train_teacher@densenet121"} <= set(
         incremental["skipped"])
     assert 0 < incremental["ratio"] < 1
@@ -181,8 +200,12 @@ def test_benchmark_on_tiny_run_writes_report_and_restores_main_run(tiny_repo: Pa
         wrong = sum(r[column] != "✓" for r in miss_table)
         assert wrong == round((1 - row["accuracy"]) * results["test_images"]), row["model"]
     variant_table = table_after(markdown, "## Student variants")
-    assert len(variant_table) == 3 and all(len(r) == len(VARIANT_COLUMNS) for r in variant_table)
-    assert re.search(r"incremental `dvc exp run -S student.width=0.5`", markdown)
+    assert len(variant_table) == 2 and all(len(r) == len(VARIANT_COLUMNS) for r in variant_table)
+    assert re.search(r"incremental `dvc exp run -S student.seed=1`", markdown)
+    recipe_table = table_after(markdown, "## Recipes over 2 student seeds")
+    assert [r[0] for r in recipe_table] == [r["model"] for r in results["recipes"]]
+    assert recipe_table[4][1] == f"{100 * recipes['int8']['mean']:.2f} % ± {100 * recipes['int8']['std']:.2f}"
+    assert len(table_after(markdown, "## Teacher ensemble: mean vs confidence")) == 2
     assert (tiny_repo / "reports/benchmark_tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # The workspace holds the main run again, not the last variant (which changed the arch).

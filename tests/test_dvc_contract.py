@@ -19,6 +19,7 @@ import re
 import shlex
 from pathlib import Path
 
+import networkx as nx
 import pytest
 import yaml
 from dvc.repo import Repo
@@ -172,13 +173,44 @@ def _would_run(repo: Path) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", sh("dvc", "repro", "--dry", cwd=repo).stdout))
 
 
+def _reruns(repo: Path, changed: set[str]) -> set[str]:
+    """The changed stages and every stage downstream of them, from DVC's own stage graph (its edges
+    point from a stage to the stages it depends on, so downstream stages are ancestors)."""
+    graph = Repo(str(repo)).index.graph
+    by_name = {s.name: s for s in graph.nodes if s.cmd}
+    return changed | {s.name for name in changed for s in nx.ancestors(graph, by_name[name]) if s.cmd}
+
+
+TEACHER_STAGES = {"train_teacher@resnet18", "train_teacher@mobilenet_v2", "train_teacher@densenet121", "soft_targets"}
+
+
 def test_training_seed_never_resplits_and_split_seed_does(tiny_repo: Path):
     trained = {s.name for s in stages(tiny_repo) if "seed" in declared_params(s)}
-    assert "prepare" not in trained and {"baseline", "distill", "qat", "train_teacher@resnet18"} <= trained
+    assert "prepare" not in trained and TEACHER_STAGES <= trained
     set_params(tiny_repo, {"seed": 1})
     assert _would_run(tiny_repo) == trained
     set_params(tiny_repo, {"seed": 42, "data": {"split_seed": 1}})
     assert _would_run(tiny_repo) == {"prepare"}
+
+
+def test_student_seed_and_ensemble_rerun_no_teacher(tiny_repo: Path):
+    """A seed sweep (`-S student.seed=N`) retrains every student and no teacher; `-S kd.ensemble=...`
+    only what learns from the soft targets."""
+    set_params(tiny_repo, {"student": {"seed": 1}})
+    changed = _would_run(tiny_repo)
+    assert changed == {"baseline", "distill", "qat", "qat_mixed", "qat_scratch"}
+    assert not _reruns(tiny_repo, changed) & TEACHER_STAGES
+    set_params(tiny_repo, {"student": {"seed": 42}, "kd": {"ensemble": "confidence"}})
+    changed = _would_run(tiny_repo)
+    assert changed == {"distill", "qat", "qat_mixed"}
+    assert "baseline" not in _reruns(tiny_repo, changed) and not _reruns(tiny_repo, changed) & TEACHER_STAGES
+
+
+def test_bit_budget_reruns_only_allocation_mixed_qat_export_and_evaluate(tiny_repo: Path):
+    set_params(tiny_repo, {"qat": {"avg_weight_bits": 4.5}})
+    changed = _would_run(tiny_repo)
+    assert changed == {"allocate_bits"}
+    assert _reruns(tiny_repo, changed) == {"allocate_bits", "qat_mixed", "export", "evaluate"}
 
 
 def test_each_teacher_has_its_own_seed_stream():

@@ -22,6 +22,7 @@ from edgekd.deploy.sessions import ort_session
 from edgekd.train.checkpoints import load_checkpoint, load_teachers
 from edgekd.train.losses import prepare_teachers
 from edgekd.train.models import build_model, count_params
+from edgekd.train.soft_targets import combine_teachers
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"train": {"batch_size": 16, "eval_batch_size": 64}, "teachers": {"epochs": 1},
@@ -62,12 +63,15 @@ def test_teacher_baseline_distill_stages(prepared_small, tmp_path):
     assert run.returncode == 0, run.stderr
     soft = json.loads((tmp_path / "soft_targets.json").read_text())
     targets = load_checkpoint(tmp_path / "soft_targets.pt")
-    logits, (_, train_labels) = targets["logits"], load_split(prepared_small, "train")
+    per_teacher, (_, train_labels) = targets["teacher_logits"], load_split(prepared_small, "train")
     assert soft["views"] == 3 and len(targets["view_hashes"]) == 3
-    assert logits.shape == (3, len(train_labels), 5) and not torch.equal(logits[0], logits[1])
-    # the accuracy on the views is that of the stored targets: argmax against the train labels
-    hits = (logits.argmax(-1) == train_labels).sum().item()
-    assert soft["ensemble_view_acc"] == pytest.approx(hits / logits[..., 0].numel(), abs=1e-6)
+    assert per_teacher.shape == (3, len(train_labels), 2, 5) and not torch.equal(per_teacher[0], per_teacher[1])
+    # the accuracy on the views is that of each ensemble of the stored logits against the train labels
+    for scheme in ("mean", "confidence"):
+        logits = combine_teachers(per_teacher, train_labels, scheme)[0]
+        hits = (logits.argmax(-1) == train_labels).sum().item()
+        assert soft["ensemble_view_acc"][scheme] == pytest.approx(hits / logits[..., 0].numel(), abs=1e-6)
+    assert sum(soft["teacher_weights"]["confidence"].values()) == pytest.approx(1.0, abs=1e-3)
     # the val accuracy is that of the two saved teachers' mean logits on the val split, recomputed here
     info, (val_images, val_labels) = load_info(prepared_small), load_split(prepared_small, "val")
     teachers = prepare_teachers(load_teachers(tmp_path / "teachers", ["resnet18", "mobilenet_v2"], info)[0])

@@ -131,8 +131,12 @@ class StudentConfig(_Recorded):
     # Input side in px; None = data.image_size. Smaller sides trade accuracy for latency without
     # retraining the teachers: the student sees the teachers' views downscaled.
     image_size: int | None = None
+    # Student training alone (initialisation, batch order, QAT): apart from `seed`, which also drives
+    # the teachers and the views they label, so a sweep over it never reruns a teacher.
+    seed: int = 42
 
     def check(self) -> None:
+        _require(0 <= self.seed < 2**32, "student.seed", self.seed, "an integer in 0..2**32-1")
         _require(self.arch in STUDENT_ARCHS, "student.arch", self.arch,
                  f"one of {list(STUDENT_ARCHS)}")
         _require(0 < self.width <= 4, "student.width", self.width, "0 < width <= 4")
@@ -226,7 +230,7 @@ class BenchConfig(_Recorded):
 
 @dataclass(frozen=True)
 class Params(_Recorded):
-    seed: int = 42  # training: initialisation, batch order, augmentation (teachers derive their own)
+    seed: int = 42  # teachers (each derives its own stream) and the views they label (soft_targets)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     teachers: TeachersConfig = field(default_factory=TeachersConfig)

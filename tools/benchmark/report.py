@@ -105,6 +105,51 @@ def int8_export_section(results: dict) -> list[str]:
     ]
 
 
+def mean_std(row: dict) -> str:
+    return f"{fmt.percent(row['mean'])} ± {100 * row['std']:.2f}"
+
+
+def per_seed(row: dict) -> str:
+    return ", ".join(f"{fmt.percent(v)} ({seed})" for seed, v in row["seeds"].items())
+
+
+def recipes_section(results: dict) -> list[str]:
+    """The seed framework's table, row by row, as mean ± std over student seeds."""
+    recipes = results.get("recipes")
+    if not recipes:  # reports written before recipes were run over seeds
+        return []
+    rows = [{**r, "accuracy": mean_std(r), "per_seed": per_seed(r)} for r in recipes]
+    n = len(recipes[0]["seeds"])
+    return [
+        f"## Recipes over {n} student seeds (test split)",
+        f"Each recipe trained once per `student.seed` (teachers and their soft targets shared); test accuracy "
+        f"as mean ± sample std over the {n} seeds (in points), then each seed's figure. Sizes are the files "
+        "of the main run. Not built yet: QAT KD with 16-bit activations and mixed 16/8. The physical floor of "
+        "4-bit weights is 0.5 byte per parameter.",
+        "",
+        markdown_table(rows, [("model", "recipe"), ("accuracy", "test acc, mean ± std"),
+                              ("per_seed", "per seed"), ("size_bytes", "file size")]),
+        "",
+    ]
+
+
+def ensembles_section(results: dict) -> list[str]:
+    """kd.ensemble schemes on val over student seeds (choosing one is model selection: val, not test)."""
+    ensembles = results.get("ensembles")
+    if not ensembles or len({r["model"] for r in ensembles}) < 2:
+        return []
+    rows = [{"model": r["model"], "accuracy": mean_std(r), "per_seed": per_seed(r)} for r in ensembles]
+    return [
+        "## Teacher ensemble: mean vs confidence-weighted (val split)",
+        "The same teachers and views; only how their logits are combined into soft targets differs. The "
+        "distilled FP32 student's val accuracy (`dvc exp run -S kd.ensemble=... -S student.seed=N distill`), "
+        "because choosing a scheme is model selection; mean ± sample std over student seeds.",
+        "",
+        markdown_table(rows, [("model", "scheme"), ("accuracy", "val acc, mean ± std"), ("per_seed", "per seed")]),
+        "",
+    ]
+
+
 def render_markdown(results: dict) -> str:
     machine = results["machine"]
     parts = [
@@ -130,6 +175,8 @@ def render_markdown(results: dict) -> str:
         "",
         *[f"- {note}" for note in results.get("notes", [])],
         "",
+        *recipes_section(results),
+        *ensembles_section(results),
         *int8_export_section(results),
         *misses_section(results),
         "## Student variants (accuracy / latency / size trade-off)",

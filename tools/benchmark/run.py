@@ -1,9 +1,14 @@
 """`make bench`: the whole pipeline on the real rice sample as DVC experiments, then one report.
 
-1. a forced full `dvc exp run` with the benchmark overrides (tools/benchmark/rice.yaml), stages timed;
-2. incremental experiments (e.g. `-S student.width=0.5`): teachers must be skipped;
-3. `dvc exp apply` of the main run, so the workspace holds the main-row models and metrics;
-4. every model on the same test split, every ONNX file timed back to back in this one process,
+1. a forced full `dvc exp run` with the benchmark overrides (tools/benchmark/rice.yaml) at the first
+   of `student_seeds`, stages timed;
+2. one incremental experiment per further student seed (`-S student.seed=N`, the first one timed:
+   teachers and soft targets must be skipped), so every student recipe is reported as mean ± std;
+3. per scheme of `compare_ensembles` and per student seed, `dvc exp run -S kd.ensemble=X ... distill`
+   (that stage alone), compared with the main scheme on val, where a recipe is chosen;
+4. `variants` (e.g. `-S student.width=0.5`), each departing from the main run;
+5. `dvc exp apply` of the main run, so the workspace holds the main-row models and metrics;
+6. every model on the same test split, every ONNX file timed back to back in this one process,
    the seed framework's models included; reports/benchmark.{json,md} and the trade-off PNG.
 DVC's run cache is cleared first so that every stage really runs and is timed.
 """
@@ -25,7 +30,7 @@ from edgekd.errors import UserError
 from edgekd.runtime import run_stage
 from tools.benchmark import comparison
 from tools.benchmark.comparison import GOALS
-from tools.benchmark.experiments import overrides_to_args, run_experiment
+from tools.benchmark.experiments import ExperimentRun, overrides_to_args, run_experiment
 from tools.benchmark.report import plot_tradeoff, render_markdown
 from tools.machine import code_commit, machine_info
 
@@ -52,16 +57,30 @@ def main() -> None:
     command = f"make bench  (python -m tools.benchmark.run --config {args.config} --out {args.out})"
 
     shutil.rmtree(repo / ".dvc" / "cache" / "runs", ignore_errors=True)
-    base = overrides_to_args(cfg["overrides"])
-    full = run_experiment(["-f", *base], repo)
+    seeds = cfg.get("student_seeds") or [load_params().student.seed]
+    full = run_experiment(["-f", *overrides_to_args(cfg["overrides"]), "-S", f"student.seed={seeds[0]}"], repo)
     main_eval = read_json(repo / "metrics" / "evaluate.json")
     params = load_params()
     main_params_text = (repo / "params.yaml").read_text()
-    variants = [comparison.variant_row(params.student, params.student_image_size, main_eval)]
+
+    def departing(overrides: dict, targets: tuple[str, ...] = ()) -> ExperimentRun:
+        (repo / "params.yaml").write_text(main_params_text)  # each experiment departs from the main run
+        return run_experiment([*overrides_to_args(overrides), *targets], repo)
+
+    evaluations, val = {seeds[0]: main_eval}, {params.kd.ensemble: {seeds[0]: distill_val_accuracy(repo)}}
     incremental = []
+    for seed in seeds[1:]:
+        incremental.append(({"student.seed": seed}, departing({"student.seed": seed})))
+        evaluations[seed] = read_json(repo / "metrics" / "evaluate.json")
+        val[params.kd.ensemble][seed] = distill_val_accuracy(repo)
+    for scheme in cfg.get("compare_ensembles", []):
+        val[scheme] = {}
+        for seed in seeds:
+            departing({"kd.ensemble": scheme, "student.seed": seed}, targets=("distill",))
+            val[scheme][seed] = distill_val_accuracy(repo)
+    variants = [comparison.variant_row(params.student, params.student_image_size, main_eval)]
     for variant in cfg.get("variants", []):
-        (repo / "params.yaml").write_text(main_params_text)  # each variant departs from the main run
-        run = run_experiment(overrides_to_args(variant), repo)
+        run = departing(variant)
         v_params = load_params()
         variants.append(comparison.variant_row(v_params.student, v_params.student_image_size,
                                                  read_json(repo / "metrics" / "evaluate.json")))
@@ -85,6 +104,8 @@ def main() -> None:
         "experiment": full.name,
         "main": main_rows,
         "misses": misses,
+        "recipes": comparison.recipe_rows(evaluations),
+        "ensembles": comparison.ensemble_rows(val),
         "variants": variants,
         "pipeline": pipeline,
         "int8_export": read_json(repo / "metrics" / "export.json")["student_int8"],
@@ -92,6 +113,11 @@ def main() -> None:
         "bench_wall_s": round(time.perf_counter() - start),
     }
     write_report(results, out, cfg["goals"])
+
+
+def distill_val_accuracy(repo: Path) -> float:
+    """The distilled student's val accuracy in the workspace's last run."""
+    return read_json(repo / "metrics" / "distill.json")["val_acc"]
 
 
 def load_config(path: Path) -> dict:

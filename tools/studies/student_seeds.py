@@ -63,15 +63,15 @@ def recipe(params: Params, distilled: bool) -> str:
 
 
 def run_seed(raw: dict, seed: int, data: Path, device: torch.device, soft_targets: Path | None = None) -> dict:
-    params = params_from_dict({**copy.deepcopy(raw), "seed": seed})
+    params = params_from_dict({**copy.deepcopy(raw), "student": {**raw["student"], "seed": seed}})
     seed_everything(seed)
     info, train, val = load_info(data), load_split(data, "train"), load_split(data, "val")
     cfg = params.student
     model = build_model(cfg.arch, len(info.classes), cfg.width)
     setup = setup_from_params(params, info, device, cfg.epochs, seed, None, "", input_size=cfg.image_size)
-    # the views were rendered with the params' seed, not this run's
-    targets = None if soft_targets is None else load_soft_targets(soft_targets, train[0], raw["seed"],
-                                                                   len(info.classes))
+    # the views were rendered with the params' seed, not the student's
+    targets = None if soft_targets is None else load_soft_targets(soft_targets, train, params.seed,
+                                                                   len(info.classes), params.kd.ensemble)
     loss_fn, batches = student_objective(params, train, setup, targets)
     start = time.perf_counter()
     result = train_model(model, loss_fn, cfg.lr, params.train.weight_decay, train, val, setup, batches=batches)

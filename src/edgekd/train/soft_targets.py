@@ -5,7 +5,8 @@ training (densenet121 alone is most of it). A teacher's output depends only on i
 the ensemble is run once over `kd.views` augmented copies of the training set and distillation
 epoch e trains on view e mod V with those stored targets (the idea of FKD, Shen & Xing 2022,
 arXiv:2112.01528). The student then trains at its own speed for many more epochs, and a
-`student.*` or `kd.temperature` experiment never runs a teacher.
+`student.*`, `kd.temperature` or `kd.ensemble` experiment never runs a teacher: each teacher's
+logits are stored, and the student stages combine them (`combine_teachers`).
 
 Views are re-rendered from their seeds instead of stored (V x 40 MB of pixels at 64 px would fill
 the DVC cache); a hash of every view, taken when its targets were computed, makes a re-render that
@@ -28,14 +29,7 @@ from edgekd.errors import UserError
 from edgekd.train.augment import augment_batch
 from edgekd.train.checkpoints import load_checkpoint, save_checkpoint
 from edgekd.train.engine import Batch, BatchSource, FitSetup, LossFn, iterate_batches, predict_logits
-from edgekd.train.losses import (
-    ce_loss_fn,
-    confidence_ensemble,
-    confidence_weights,
-    ensemble_logits,
-    kd_loss_fn,
-    teacher_logits,
-)
+from edgekd.train.losses import ce_loss_fn, confidence_ensemble, confidence_weights, kd_loss_fn, teacher_logits
 
 RENDER_CHUNK = 256  # images augmented per generator call; part of a view's definition
 
@@ -53,44 +47,48 @@ def pixel_hash(images: Tensor) -> str:
 
 def compute_soft_targets(teachers: Sequence[nn.Module], images: Tensor, labels: Tensor, views: int,
                          seed: int, mean: Sequence[float], std: Sequence[float], batch_size: int,
-                         device: torch.device, ensemble: str = "mean") -> dict:
-    """Ensemble logits (V, N, C) of every view, the views' pixel hashes, the ensemble's accuracy on
-    them (how much the targets themselves err on augmented training images) and each teacher's
-    mean weight (K,) in the ensemble.
+                         device: torch.device) -> dict:
+    """Every teacher's logits (V, N, K, C) on every view and the views' pixel hashes.
 
-    `ensemble` (kd.ensemble): "mean" averages the teachers' logits; "confidence" weights each
-    teacher per sample by how well it fits that sample's label (losses.confidence_weights).
+    Each teacher's logits are kept, not their combination, so that how they are combined
+    (kd.ensemble, `combine_teachers`) is a student-side choice: switching it reruns no teacher.
     """
-    logits, hashes, weights = [], [], []
+    logits, hashes = [], []
     for view in tqdm(range(views), desc="soft targets", leave=False, disable=not sys.stderr.isatty()):
         pixels = render_view(images, seed, view)
         hashes.append(pixel_hash(pixels))
-        if ensemble == "mean":
-            logits.append(predict_logits(lambda x: ensemble_logits(teachers, x), pixels, mean, std, batch_size, device))
-            weights.append(torch.full((len(images), len(teachers)), 1 / len(teachers)))
-        else:
-            per_teacher = predict_logits(lambda x: teacher_logits(teachers, x), pixels, mean, std, batch_size, device)
-            logits.append(confidence_ensemble(per_teacher, labels))
-            weights.append(confidence_weights(per_teacher, labels))
-    stacked = torch.stack(logits)  # (V, N, C)
-    accuracy = (stacked.argmax(-1) == labels).float().mean().item()
-    return {"logits": stacked, "view_hashes": hashes, "seed": seed, "num_images": len(images),
-            "ensemble": ensemble, "ensemble_accuracy": accuracy,
-            "teacher_weights": torch.stack(weights).mean(dim=(0, 1))}
+        logits.append(predict_logits(lambda x: teacher_logits(teachers, x), pixels, mean, std, batch_size, device))
+    return {"teacher_logits": torch.stack(logits), "view_hashes": hashes, "seed": seed, "num_images": len(images)}
+
+
+def combine_teachers(teacher_logits: Tensor, labels: Tensor, ensemble: str) -> tuple[Tensor, Tensor]:
+    """The soft targets (V, N, C) of teacher logits (V, N, K, C) under kd.ensemble, and each teacher's
+    mean weight (K,). "mean" averages the teachers' logits; "confidence" weights each teacher per
+    sample by how well it fits that sample's label (losses.confidence_weights)."""
+    v, n, k, c = teacher_logits.shape
+    if ensemble == "mean":
+        return teacher_logits.mean(dim=2), torch.full((k,), 1 / k)
+    flat, flat_labels = teacher_logits.reshape(v * n, k, c), labels.repeat(v)
+    return (confidence_ensemble(flat, flat_labels).view(v, n, c),
+            confidence_weights(flat, flat_labels).mean(dim=0))
 
 
 def save_soft_targets(path: str | Path, targets: dict) -> None:
     save_checkpoint(path, targets)
 
 
-def load_soft_targets(path: str | Path, images: Tensor, seed: int, num_classes: int) -> dict:
-    """The stored targets, checked against the training images and seed they must belong to."""
+def load_soft_targets(path: str | Path, train: tuple[Tensor, Tensor], seed: int, num_classes: int,
+                      ensemble: str) -> dict:
+    """The stored teacher logits, checked against the training images and seed they must belong to,
+    combined under `ensemble` into `logits` (V, N, C)."""
+    images, labels = train
     targets = load_checkpoint(path)
-    logits = targets.get("logits")
-    if (not isinstance(logits, Tensor) or logits.ndim != 3 or targets.get("num_images") != len(images)
-            or logits.shape[1:] != (len(images), num_classes) or targets.get("seed") != seed):
+    logits = targets.get("teacher_logits")
+    if (not isinstance(logits, Tensor) or logits.ndim != 4 or targets.get("num_images") != len(images)
+            or logits.shape[1] != len(images) or logits.shape[3] != num_classes or targets.get("seed") != seed):
         raise UserError(f"{path}: soft targets were computed for other training data, classes or seed; "
                         "rerun the soft_targets stage")
+    targets["logits"], targets["teacher_weights"] = combine_teachers(logits, labels, ensemble)
     return targets
 
 
