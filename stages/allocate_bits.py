@@ -1,8 +1,10 @@
-"""Stage `allocate_bits`: weight bits per layer (4 or 8) for mixed-precision QAT, from the measured
-sensitivities, under the budget `qat.avg_weight_bits` (edgekd.train.mixed_precision.allocate_bits).
+"""Stage `allocate_bits`: bits per layer for mixed-precision QAT, from the measured sensitivities:
+weight bits (4 or 8) under the budget `qat.avg_weight_bits` for mixed 8/4, output bits (16 or 8) for
+the share `qat.act16_share` of layers gaining most for mixed 16/8 (edgekd.train.mixed_precision).
 
-Writes the assignment as a CSV of one line per layer, git-tracked, so `git diff` and the PR report
-show which layers changed bits, and its summary (average bits, weights at 4 bits) as metrics.
+Writes each assignment as a CSV of one line per layer, git-tracked, so `git diff` and the PR report
+show which layers changed bits, and their summary (average bits, weights at 4 bits) as metrics. The
+two files are apart so that a change of one budget retrains only the model that uses it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 from edgekd.config import load_params
 from edgekd.errors import UserError
 from edgekd.runtime import run_stage, write_metrics
-from edgekd.train.mixed_precision import allocate_bits, average_bits
+from edgekd.train.mixed_precision import allocate_activation_bits, allocate_bits, average_bits
 
 log = logging.getLogger("edgekd")
 
@@ -25,6 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sensitivity", required=True, help="the sensitivity stage's metrics JSON")
     parser.add_argument("--out", required=True, help="CSV to write: layer, weights, weight_bits")
+    parser.add_argument("--activations-out", required=True, help="CSV to write: layer, act16_kl_gain, activation_bits")
     parser.add_argument("--metrics", required=True)
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
@@ -33,6 +36,7 @@ def main() -> None:
         layers = json.loads(Path(args.sensitivity).read_text())["layers"]
         weights = {name: int(m["weights"]) for name, m in layers.items()}
         sensitivity = {name: float(m["weight4_kl"]) for name, m in layers.items()}
+        act16_gain = {name: float(m["act16_kl_gain"]) for name, m in layers.items()}
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise UserError(f"{args.sensitivity}: not a sensitivity report ({err}); rerun the sensitivity stage") from None
     names = list(layers)  # graph order: the first conv first, the classifier last
@@ -42,19 +46,29 @@ def main() -> None:
     except ValueError as err:
         raise UserError(f"params: qat.avg_weight_bits: {err}") from None
 
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["layer", "weights", "weight_bits"])
-        writer.writerows([name, weights[name], bits[name]] for name in names)
+    activation_bits = allocate_activation_bits(act16_gain, p.qat.act16_share)
+
+    write_csv(args.out, ["layer", "weights", "weight_bits"], [[n, weights[n], bits[n]] for n in names])
+    write_csv(args.activations_out, ["layer", "act16_kl_gain", "activation_bits"],
+              [[n, f"{act16_gain[n]:.6g}", activation_bits[n]] for n in names])
     four = [name for name in names if bits[name] == 4]
     metrics = {"avg_weight_bits": round(average_bits(bits, weights), 4), "budget": p.qat.avg_weight_bits,
                "layers_4bit": len(four), "layers": len(names),
                "weights_4bit": sum(weights[n] for n in four), "weights": sum(weights.values()),
-               "sensitivity_4bit": round(sum(sensitivity[n] for n in four), 6)}
+               "sensitivity_4bit": round(sum(sensitivity[n] for n in four), 6),
+               "layers_act16": sum(b == 16 for b in activation_bits.values()), "act16_share": p.qat.act16_share}
     write_metrics(args.metrics, metrics)
-    log.info("allocate_bits: %d of %d layers at 4 bits, %.3f average weight bits (budget %.2f)", len(four),
-             len(names), metrics["avg_weight_bits"], p.qat.avg_weight_bits)
+    log.info("allocate_bits: %d of %d layers at 4 bits, %.3f average weight bits (budget %.2f); %d with 16-bit "
+             "outputs", len(four), len(names), metrics["avg_weight_bits"], p.qat.avg_weight_bits,
+             metrics["layers_act16"])
+
+
+def write_csv(path: str, header: list[str], rows: list[list]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
 
 
 if __name__ == "__main__":

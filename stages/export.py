@@ -1,5 +1,6 @@
 """Stage `export`: FP32 student and baseline, QAT and PTQ students -> ONNX with metadata, each file
-gated against its torch model on val (src/edgekd/deploy/export.py: check_fp32_export, check_int8_export)."""
+gated against its torch model on val (src/edgekd/deploy/export.py: check_fp32_export, check_int8_export).
+Mixed-precision models keep their 4-bit weights as INT4 and their 16-bit outputs as UINT16 (opset 21)."""
 
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ from edgekd.deploy.export import (
     export_onnx,
     meta_from_checkpoint,
     store_int4_weights,
+    store_int16_activations,
 )
 from edgekd.deploy.sessions import make_runner
 from edgekd.runtime import run_stage, select_device, write_metrics
 from edgekd.train.checkpoints import load_model
 from edgekd.train.models import build_model, count_params
-from edgekd.train.quant import convert, load_qat_model
+from edgekd.train.quant import convert_for_export, load_qat_model
 
 log = logging.getLogger("edgekd")
 
@@ -55,21 +57,25 @@ def main() -> None:
 
     for pt, onnx_path in args.qat:
         fake_quant, payload = load_qat_model(pt)
-        int8 = convert(fake_quant)
+        integer, grids = convert_for_export(fake_quant)  # grids: the layers with 16-bit outputs
         spec = payload["model"]
         params = count_params(build_model(spec["arch"], int(spec["num_classes"]), float(spec["width"])))
         four = [layer for layer, bits in payload.get("weight_bits", {}).items() if bits == 4]
-        precision = "int8+int4" if four else "int8"  # mixed precision: 4-bit weights where allocated
-        export_onnx(int8, onnx_path, meta_from_checkpoint(payload, precision, params), p.export.opset)
-        int4 = [int8.get_submodule(layer).weight().int_repr().numpy() for layer in four]
+        precision = "int8" + ("+int4" if four else "") + ("+a16" if grids else "")  # mixed: where allocated
+        export_onnx(integer, onnx_path, meta_from_checkpoint(payload, precision, params), p.export.opset)
+        int4 = [integer.get_submodule(layer).weight().int_repr().numpy() for layer in four]
         if int4:
             store_int4_weights(onnx_path, int4)
-        checks = check_int8_export(int8, fake_quant, onnx_path, model_input(val, payload), p.export,
-                                   int4_convs=sum(w.ndim == 4 for w in int4))
-        if int4:
-            checks["int4_layers"] = len(int4)
+        if grids:
+            store_int16_activations(onnx_path, grids)
+        # The integer torch model is the reference, unless 16-bit outputs leave only the fake-quant one.
+        reference = fake_quant if grids else integer
+        checks = check_int8_export(None if grids else integer, fake_quant, onnx_path, model_input(val, payload),
+                                   p.export)
+        checks.update(int4_layers=len(int4), int16_activation_layers=len(grids))
         # Reported only, never gated or tuned on: the same comparison on the test split.
-        checks["parity_int8_torch_test"] = compare(int8, make_runner(onnx_path), model_input(test, payload))
+        checks["parity_fake_quant_test" if grids else "parity_int8_torch_test"] = compare(
+            reference, make_runner(onnx_path), model_input(test, payload))
         metrics[Path(onnx_path).stem] = {**checks, "size_bytes": Path(onnx_path).stat().st_size}
     write_metrics(args.metrics, metrics)
     log.info("export: %s", json.dumps(metrics))

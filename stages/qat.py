@@ -1,7 +1,10 @@
-"""Stages `qat`, `qat_mixed`, `qat_scratch`: fine-tune a student with INT8 fake-quant, save it for export.
+"""Stages `qat`, `qat_a16`, `qat_mixed`, `qat_mixed_a16`, `qat_scratch`: fine-tune a student with
+fake-quant, save it for export.
 
 `qat`: the distilled student, CE + KD on the stored teacher logits of the training views (as in
-distill). `qat_mixed`: the same with `--bits`, the layers the allocation names at 4-bit weights.
+distill), INT8. `qat_a16`: the same with every layer's output at 16 bits (`--activation-bits 16`).
+`qat_mixed`: the same with `--bits`, the layers the allocation names at 4-bit weights;
+`qat_mixed_a16` with `--activation-bits CSV`, the layers it names with 16-bit outputs.
 `qat_scratch`: the baseline student without soft targets, CE on fresh augmentations (no teacher
 anywhere), the control for what distillation adds to QAT.
 
@@ -22,7 +25,15 @@ from edgekd.runtime import run_stage, seed_everything, select_device, write_metr
 from edgekd.train import engine
 from edgekd.train.checkpoints import load_model, model_payload, save_checkpoint
 from edgekd.train.mixed_precision import read_bits
-from edgekd.train.quant import apply_bits, convert, freeze_qat, prepare_qat, set_qat_phase
+from edgekd.train.quant import (
+    apply_bits,
+    convert,
+    freeze_qat,
+    prepare_qat,
+    quantized_layers,
+    set_qat_phase,
+    wide_outputs,
+)
 from edgekd.train.soft_targets import load_soft_targets, student_objective
 
 log = logging.getLogger("edgekd")
@@ -35,6 +46,8 @@ def main() -> None:
     parser.add_argument("--soft-targets", default=None,
                         help="teacher logits of the training views; none = QAT from scratch, CE only")
     parser.add_argument("--bits", default=None, help="weight bits per layer (allocate_bits stage CSV); none = all 8")
+    parser.add_argument("--activation-bits", default=None,
+                        help="output bits per layer: an allocate_bits stage CSV, or 16 for every layer; none = all 8")
     parser.add_argument("--out", required=True, help="QAT checkpoint to write")
     parser.add_argument("--metrics", required=True)
     parser.add_argument("--live", default=None, help="dvclive folder")
@@ -52,7 +65,12 @@ def main() -> None:
     size = int(payload["image_size"])  # the student's own input side (student.image_size)
     val = (resize_batch(val[0], size), val[1])  # once, for fit and the evaluations after it
     bits = read_bits(args.bits) if args.bits else {}
-    model = apply_bits(prepare_qat(student, size), bits)  # fake-quant; QAT always runs on CPU (FX kernels)
+    model = prepare_qat(student, size)  # fake-quant; QAT always runs on CPU (FX kernels)
+    if args.activation_bits == "16":
+        activation_bits = {layer: 16 for layer in quantized_layers(model)}
+    else:
+        activation_bits = read_bits(args.activation_bits, "activation_bits") if args.activation_bits else {}
+    model = apply_bits(model, bits, activation_bits)
 
     def on_epoch_start(epoch: int) -> None:
         set_qat_phase(model, epoch, p.qat.freeze_bn_epoch, p.qat.freeze_observer_epoch)
@@ -62,7 +80,8 @@ def main() -> None:
     run_id = engine.fingerprint(p.qat.recipe(), *kd[:2], t.threads, t.batch_size, t.eval_batch_size,
                                 t.weight_decay, t.label_smoothing, p.student.seed, size, *kd[2:],
                                 *payload["state_dict"].values(), train[1], val[1],
-                                *([sorted(bits.items())] if bits else []))
+                                *([sorted(bits.items())] if bits else []),
+                                *([sorted(activation_bits.items())] if activation_bits else []))
     # BN statistics are frozen on schedule in QAT: no re-estimation before validation.
     setup = engine.setup_from_params(p, info, device, p.qat.epochs, p.student.seed, args.live, run_id,
                                      bn_recalibration=False, input_size=size, select_best=False)
@@ -72,18 +91,21 @@ def main() -> None:
                                 batches=batches)
     freeze_qat(model)
     fake_quant_acc = engine.evaluate(model, *val, info.mean, info.std, t.eval_batch_size)["acc"]
-    int8_acc = engine.evaluate(convert(model), *val, info.mean, info.std, t.eval_batch_size)["acc"]
+    # 16-bit activations have no integer torch kernels: such a model is measured as fake-quant only
+    int8_acc = (None if wide_outputs(model) else
+                engine.evaluate(convert(model), *val, info.mean, info.std, t.eval_batch_size)["acc"])
 
     spec = payload["model"]
     save_checkpoint(args.out, model_payload(model, spec["arch"], spec["width"],
                                             dataclasses.replace(info, image_size=size), qat=p.qat.recipe(),
-                                            **({"weight_bits": bits} if bits else {})))
-    metrics = {"val_acc_fake_quant": fake_quant_acc, "val_acc_int8_torch": int8_acc,
+                                            **({"weight_bits": bits} if bits else {}),
+                                            **({"activation_bits": activation_bits} if activation_bits else {})))
+    metrics = {"val_acc_fake_quant": fake_quant_acc, **({} if int8_acc is None else {"val_acc_int8_torch": int8_acc}),
                "val_acc_fp32_start": engine.evaluate(student, *val, info.mean, info.std)["acc"],
                "epochs_run": result.epochs_run, "train_seconds": result.train_seconds}
     write_metrics(args.metrics, metrics)
-    log.info("qat: val acc fp32 %.4f -> fake-quant %.4f, int8 torch %.4f", metrics["val_acc_fp32_start"],
-             fake_quant_acc, int8_acc)
+    log.info("qat: val acc fp32 %.4f -> fake-quant %.4f, int8 torch %s", metrics["val_acc_fp32_start"],
+             fake_quant_acc, "-" if int8_acc is None else f"{int8_acc:.4f}")
 
 
 if __name__ == "__main__":

@@ -102,7 +102,8 @@ def expected_accuracies(repo: Path, seed_cfg: dict, misses: dict) -> list[float]
     manifest = pd.read_csv(prepared / "test.csv")
     for name, key in (("teacher ensemble", None), ("student baseline", "baseline"),
                       ("student fp32", "fp32"), ("student int8", "int8"), ("student ptq", "ptq"),
-                      ("student mixed", "mixed"), ("student baseline_int8", "baseline_int8")):
+                      ("student mixed", "mixed"), ("student a16", "a16"), ("student mixed_a16", "mixed_a16"),
+                      ("student baseline_int8", "baseline_int8")):
         right = sum(answered.get(path, {name: cls})[name] == cls
                     for path, cls in zip(manifest["path"], manifest["class"]))
         if key is not None:
@@ -141,11 +142,12 @@ def test_benchmark_on_tiny_run_writes_report_and_restores_main_run(tiny_repo: Pa
     names = [row["model"] for row in results["main"]]
     assert names[:4] == ["teacher resnet18", "teacher mobilenet_v2", "teacher densenet121",
                          "teacher ensemble (mean logits)"]
-    assert [n.split(",")[0] for n in names[4:10]] == [
+    assert [n.split(",")[0] for n in names[4:12]] == [
         "student baseline (no KD)", "student distilled", "student distilled + QAT", "student distilled + PTQ",
-        "student distilled + mixed QAT", "student baseline + QAT"]
-    assert names[10].startswith("seed FP32") and names[11].startswith("seed INT8")
-    seed_int8_p50 = results["main"][11]["latency_p50_ms"]
+        "student distilled + mixed QAT", "student distilled + QAT", "student distilled + mixed QAT",
+        "student baseline + QAT"]
+    assert names[12].startswith("seed FP32") and names[13].startswith("seed INT8")
+    seed_int8_p50 = results["main"][13]["latency_p50_ms"]
     for row in results["main"]:
         if "latency_p50_ms" in row:
             assert 0 < row["latency_p50_ms"] <= row["latency_p90_ms"]
@@ -155,10 +157,11 @@ def test_benchmark_on_tiny_run_writes_report_and_restores_main_run(tiny_repo: Pa
 
     # Every recipe over both student seeds; the main seed's figures are the main table's.
     recipes = {r["key"]: r for r in results["recipes"]}
-    assert list(recipes) == ["baseline", "fp32", "ptq", "baseline_int8", "int8", "mixed"]
-    main_acc = {r["model"].split(",")[0]: r["accuracy"] for r in results["main"]}
-    assert recipes["int8"]["seeds"]["42"] == main_acc["student distilled + QAT"]
-    assert recipes["baseline"]["seeds"]["42"] == main_acc["student baseline (no KD)"]
+    assert list(recipes) == ["baseline", "fp32", "ptq", "baseline_int8", "int8", "a16", "mixed_a16", "mixed"]
+    main_acc = {r["model"]: r["accuracy"] for r in results["main"]}
+    assert recipes["int8"]["seeds"]["42"] == main_acc["student distilled + QAT, INT8"]
+    assert recipes["mixed_a16"]["seeds"]["42"] == main_acc["student distilled + mixed QAT, 16/8-bit activations"]
+    assert recipes["baseline"]["seeds"]["42"] == main_acc["student baseline (no KD), FP32"]
     for row in recipes.values():
         assert list(row["seeds"]) == ["42", "1"]
         values = list(row["seeds"].values())
@@ -189,14 +192,14 @@ def test_benchmark_on_tiny_run_writes_report_and_restores_main_run(tiny_repo: Pa
     assert set(results["machine"]["simd"]) <= set(SIMD_FLAGS)
     assert re.search(r"Machine: .*, \d+ cores \(.*(with|no) VNNI\)", markdown)
     main_table = table_after(markdown, "## Main table")
-    assert len(main_table) == 12 and all(len(r) == len(MAIN_COLUMNS) for r in main_table)
+    assert len(main_table) == 14 and all(len(r) == len(MAIN_COLUMNS) for r in main_table)
     ratio = [key for key, _ in MAIN_COLUMNS].index("p50_vs_seed_int8")  # the ratios as the table shows them
     assert [r[ratio] for r in main_table] == [f"{row['p50_vs_seed_int8']:.2f}x" if "p50_vs_seed_int8" in row
                                               else "–" for row in results["main"]]
     # The misses table agrees with the accuracies: one non-✓ cell per image a model gets wrong.
     miss_table = table_after(markdown, "## Test images missed")
     assert len(miss_table) == len(results["misses"]["rows"]) > 0
-    for column, row in enumerate(results["main"][3:10], start=2):  # ensemble, then the 6 students
+    for column, row in enumerate(results["main"][3:12], start=2):  # ensemble, then the 8 students
         wrong = sum(r[column] != "✓" for r in miss_table)
         assert wrong == round((1 - row["accuracy"]) * results["test_images"]), row["model"]
     variant_table = table_after(markdown, "## Student variants")
@@ -207,6 +210,9 @@ def test_benchmark_on_tiny_run_writes_report_and_restores_main_run(tiny_repo: Pa
     assert recipe_table[4][1] == f"{100 * recipes['int8']['mean']:.2f} % ± {100 * recipes['int8']['std']:.2f}"
     assert len(table_after(markdown, "## Teacher ensemble: mean vs confidence")) == 2
     assert (tiny_repo / "reports/benchmark_tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    log = (tiny_repo / "reports/benchmark.log").read_text()  # every experiment's console output
+    assert log.count("$ dvc exp run") == 5 and "$ dvc exp run -S student.seed=1\n" in log
+    assert "Running stage 'distill'" in log
 
     # The workspace holds the main run again, not the last variant (which changed the arch).
     params = yaml.safe_load((tiny_repo / "params.yaml").read_text())

@@ -198,19 +198,21 @@ def test_student_seed_and_ensemble_rerun_no_teacher(tiny_repo: Path):
     only what learns from the soft targets."""
     set_params(tiny_repo, {"student": {"seed": 1}})
     changed = _would_run(tiny_repo)
-    assert changed == {"baseline", "distill", "qat", "qat_mixed", "qat_scratch"}
+    assert changed == {"baseline", "distill", "qat", "qat_a16", "qat_mixed", "qat_mixed_a16", "qat_scratch"}
     assert not _reruns(tiny_repo, changed) & TEACHER_STAGES
     set_params(tiny_repo, {"student": {"seed": 42}, "kd": {"ensemble": "confidence"}})
     changed = _would_run(tiny_repo)
-    assert changed == {"distill", "qat", "qat_mixed"}
+    assert changed == {"distill", "qat", "qat_a16", "qat_mixed", "qat_mixed_a16"}
     assert "baseline" not in _reruns(tiny_repo, changed) and not _reruns(tiny_repo, changed) & TEACHER_STAGES
 
 
 def test_bit_budget_reruns_only_allocation_mixed_qat_export_and_evaluate(tiny_repo: Path):
-    set_params(tiny_repo, {"qat": {"avg_weight_bits": 4.5}})
-    changed = _would_run(tiny_repo)
-    assert changed == {"allocate_bits"}
-    assert _reruns(tiny_repo, changed) == {"allocate_bits", "qat_mixed", "export", "evaluate"}
+    """A real experiment: the activation allocation is rewritten byte for byte, so DVC skips the mixed
+    16/8 QAT that reads it, which the stage graph alone cannot tell."""
+    proc = sh("dvc", "exp", "run", "-S", "qat.avg_weight_bits=4.5", cwd=tiny_repo)
+    ran = set(re.findall(r"Running stage '([^']+)'", proc.stdout + proc.stderr))
+    assert ran == {"allocate_bits", "qat_mixed", "export", "evaluate"}
+    assert json.loads((tiny_repo / "metrics/bit_allocation.json").read_text())["budget"] == 4.5
 
 
 def test_each_teacher_has_its_own_seed_stream():

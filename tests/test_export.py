@@ -21,9 +21,11 @@ from edgekd.deploy.export import (
     compare,
     conv_kernels,
     export_onnx,
+    float_convs_expected,
     output_step,
     read_metadata,
     store_int4_weights,
+    store_int16_activations,
 )
 from edgekd.deploy.sessions import make_runner
 from edgekd.errors import UserError
@@ -33,10 +35,13 @@ from edgekd.train.quant import (
     apply_bits,
     calibrate,
     convert,
+    convert_for_export,
     freeze_qat,
+    output_fake_quant,
     prepare_qat,
     qconfig_mapping,
     quantized_layers,
+    set_layer_bits,
 )
 
 ARCH = "mobilenet_v3_small"  # the stock net: SE, Hardswish, residual adds all have to quantize
@@ -226,7 +231,43 @@ def test_int4_weights_round_trip_and_the_mixed_file_passes_the_gates(exported, f
     # half a byte saved per 4-bit weight: stored packed, two per byte (less a little for the zero points)
     saved = exported["int8"].stat().st_size - path.stat().st_size
     assert saved >= 0.45 * sum(w.size for w in weights), saved
-    checks = check_int8_export(integer, model, path, val_x, BRIEF_MODEL_GATES, int4_convs=2)
+    # the two INT4 convs run in float in onnxruntime, every other conv as an integer kernel
+    assert float_convs_expected(path) == 2 and float_convs_expected(exported["int8"]) == 0
+    checks = check_int8_export(integer, model, path, val_x, BRIEF_MODEL_GATES)
     assert checks["conv_kernels"]["float"] == 2 and checks["conv_kernels"]["integer"] > 0
-    with pytest.raises(UserError, match=r"mixed.onnx: 2 Conv\(s\) run in float in onnxruntime, expected 0"):
-        check_int8_export(integer, model, path, val_x, BRIEF_MODEL_GATES)
+
+
+def test_16bit_outputs_are_stored_as_uint16_and_the_file_follows_the_fake_quant_model(fp32, meta, val_x, tmp_path):
+    qat = prepare_qat(fp32, meta.image_size)
+    layers = quantized_layers(qat)
+    wide = [layers[1], layers[4]]
+    model = calibrate(qat, [val_x])
+    for layer in wide:
+        set_layer_bits(model, layer, activation_bits=16)
+    with pytest.raises(ValueError, match="16-bit activations"):
+        convert(model)  # no integer torch kernels for them
+    integer, grids = convert_for_export(model)
+    assert list(grids) == wide
+    path = export_onnx(integer, tmp_path / "a16.onnx", meta, 17)
+    assert store_int16_activations(path, grids) == 2
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    sixteen = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+               and inits.get(n.input[2], np.zeros(0)).dtype == np.uint16]
+    assert sum(n.op_type == "QuantizeLinear" for n in sixteen) >= 2  # pooling keeps its input's grid
+    for layer in wide:  # the file's 16-bit grid is the fake-quant model's, exactly
+        fake_quant = output_fake_quant(model, layer)
+        assert fake_quant.quant_max == 65535
+        assert any(np.float32(inits[n.input[1]]) == np.float32(fake_quant.scale)
+                   and int(inits[n.input[2]]) == int(fake_quant.zero_point) for n in sixteen)
+    # 16-bit tensors leave the convs writing and reading them in float, and only those
+    assert 2 <= float_convs_expected(path) <= 4
+    checks = check_int8_export(None, model, path, val_x, BRIEF_MODEL_GATES)
+    assert checks["conv_kernels"]["float"] == float_convs_expected(path)
+    assert checks["parity_fake_quant"]["top1_agreement"] >= 0.97
+    # a model that is not the file's fails the gate
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.get_submodule(layers[-1]).weight.neg_()
+    with pytest.raises(UserError, match="a16.onnx: top-1 agreement with the fake-quant model"):
+        check_int8_export(None, other, path, val_x, BRIEF_MODEL_GATES)

@@ -9,7 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from edgekd.train.mixed_precision import allocate_bits, average_bits, layer_sensitivity, logits_of
+from edgekd.errors import UserError
+from edgekd.train.mixed_precision import (
+    allocate_activation_bits,
+    allocate_bits,
+    average_bits,
+    layer_sensitivity,
+    logits_of,
+    read_bits,
+)
 from edgekd.train.quant import calibrate, layer_weights, prepare_qat, quantized_layers, set_layer_bits
 
 
@@ -94,3 +102,22 @@ def test_allocation_edges():
         allocate_bits(sens, weights, 5.0, keep_8bit=["c"])
     with pytest.raises(ValueError, match="4..8"):
         allocate_bits(sens, weights, 3.0)
+
+
+def test_activation_bits_go_to_the_layers_that_gain_most_from_16_bits(tmp_path):
+    gain = {"a": 0.5, "b": 0.0, "c": 2.0, "d": 0.5, "e": -0.1}
+    assert allocate_activation_bits(gain, 0.4) == {"a": 16, "b": 8, "c": 16, "d": 8, "e": 8}  # tie: a first
+    assert allocate_activation_bits(gain, 0.6) == {"a": 16, "b": 8, "c": 16, "d": 16, "e": 8}
+    # a share beyond the layers that gain leaves the others at 8 bits; 0 keeps every layer at 8
+    assert allocate_activation_bits(gain, 1.0) == {"a": 16, "b": 8, "c": 16, "d": 16, "e": 8}
+    assert set(allocate_activation_bits(gain, 0.0).values()) == {8}
+    with pytest.raises(ValueError, match="share must be in 0..1"):
+        allocate_activation_bits(gain, 1.5)
+    path = tmp_path / "activation_bits.csv"
+    path.write_text("layer,act16_kl_gain,activation_bits\na,0.5,16\nb,0,8\n")
+    assert read_bits(path, "activation_bits") == {"a": 16, "b": 8}
+    with pytest.raises(UserError, match="activation_bits.csv: not a bit allocation with column weight_bits"):
+        read_bits(path)
+    path.write_text("layer,act16_kl_gain,activation_bits\na,0.5,4\n")
+    with pytest.raises(UserError, match=r"activation_bits must be in \[8, 16\]"):
+        read_bits(path, "activation_bits")

@@ -170,6 +170,8 @@ class QATConfig(_Recorded):
     # whether the first and last layers keep 8 bits whatever their sensitivity.
     avg_weight_bits: float = 5.0
     keep_first_last_8bit: bool = True
+    # Mixed 16/8: the share of layers whose outputs keep 16 bits (largest KL gain first).
+    act16_share: float = 0.25
 
     def recipe(self) -> dict:
         """The fields the QAT training itself reads (not the bit allocation's): its fingerprint."""
@@ -178,6 +180,7 @@ class QATConfig(_Recorded):
 
     def check(self) -> None:
         _require(4 <= self.avg_weight_bits <= 8, "qat.avg_weight_bits", self.avg_weight_bits, "4..8")
+        _require(0 <= self.act16_share <= 1, "qat.act16_share", self.act16_share, "0..1")
         _require(self.epochs >= 1, "qat.epochs", self.epochs, ">= 1")
         _require(self.lr > 0, "qat.lr", self.lr, "> 0")
         _require(self.freeze_bn_epoch >= 0, "qat.freeze_bn_epoch", self.freeze_bn_epoch, ">= 0")

@@ -27,6 +27,7 @@ class ExperimentRun:
     total_s: float
     stage_s: dict[str, float] = field(default_factory=dict)  # stages that ran, in order
     skipped: list[str] = field(default_factory=list)
+    output: list[str] = field(default_factory=list)  # the command and everything DVC and the stages printed
 
 
 def overrides_to_args(overrides: dict, prefix: str = "") -> list[str]:
@@ -83,4 +84,6 @@ def run_experiment(args: list[str], cwd: Path) -> ExperimentRun:
     end = time.monotonic()
     if proc.returncode != 0:
         raise UserError(f"`{' '.join(cmd)}` failed with exit code {proc.returncode}; see its output above")
-    return parse_stage_log(lines, end)
+    run = parse_stage_log(lines, end)
+    run.output = [f"$ {' '.join(cmd)}", *(line for _, line in lines[1:])]
+    return run

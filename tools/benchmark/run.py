@@ -9,7 +9,8 @@
 4. `variants` (e.g. `-S student.width=0.5`), each departing from the main run;
 5. `dvc exp apply` of the main run, so the workspace holds the main-row models and metrics;
 6. every model on the same test split, every ONNX file timed back to back in this one process,
-   the seed framework's models included; reports/benchmark.{json,md} and the trade-off PNG.
+   the seed framework's models included; reports/benchmark.{json,md}, the trade-off PNG and
+   benchmark.log (every experiment's console output).
 DVC's run cache is cleared first so that every stage really runs and is timed.
 """
 
@@ -59,13 +60,15 @@ def main() -> None:
     shutil.rmtree(repo / ".dvc" / "cache" / "runs", ignore_errors=True)
     seeds = cfg.get("student_seeds") or [load_params().student.seed]
     full = run_experiment(["-f", *overrides_to_args(cfg["overrides"]), "-S", f"student.seed={seeds[0]}"], repo)
+    runs = [full]
     main_eval = read_json(repo / "metrics" / "evaluate.json")
     params = load_params()
     main_params_text = (repo / "params.yaml").read_text()
 
     def departing(overrides: dict, targets: tuple[str, ...] = ()) -> ExperimentRun:
         (repo / "params.yaml").write_text(main_params_text)  # each experiment departs from the main run
-        return run_experiment([*overrides_to_args(overrides), *targets], repo)
+        runs.append(run_experiment([*overrides_to_args(overrides), *targets], repo))
+        return runs[-1]
 
     evaluations, val = {seeds[0]: main_eval}, {params.kd.ensemble: {seeds[0]: distill_val_accuracy(repo)}}
     incremental = []
@@ -113,6 +116,8 @@ def main() -> None:
         "bench_wall_s": round(time.perf_counter() - start),
     }
     write_report(results, out, cfg["goals"])
+    # Written here, not by a shell redirect: `dvc exp run` resets git-tracked files such as this one.
+    (out / "benchmark.log").write_text("\n".join(line for run in runs for line in run.output) + "\n")
 
 
 def distill_val_accuracy(repo: Path) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import tempfile
 import warnings
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,8 +159,49 @@ def store_int4_weights(path: str | Path, int4_weights: list[np.ndarray]) -> int:
                 name = f"{init.name}_zp_int4"
                 graph.initializer.append(int4_tensor(name, zp))
                 node.input[2] = name
+    _save_at_opset21(model, path)  # INT8 zero points left behind go
+    return len(int4_weights)
+
+
+def store_int16_activations(path: str | Path, grids: dict[str, tuple[float, float, int]]) -> int:
+    """Give the layers with 16-bit outputs their 16-bit grid in an exported file (opset 21).
+
+    `grids` (quant.convert_for_export): per layer, the placeholder scale its output was exported with
+    on an 8-bit grid, and its real scale and zero point. The QuantizeLinear with that scale (and those
+    of ops that keep their input's grid, such as pooling) and every DequantizeLinear reading their
+    outputs get the real scale and a UINT16 zero point of their own (initializers are shared between
+    nodes, so none is changed in place). onnxruntime runs a
+    conv reading or writing such a tensor as a float Conv between DequantizeLinear and
+    QuantizeLinear: 16-bit activations cost time and save no byte. Returns the number of layers.
+    """
+    path = Path(path)
+    model = onnx.load(str(path))
+    graph = model.graph
+    values = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    for i, (layer, (placeholder, scale, zero_point)) in enumerate(grids.items()):
+        # the layer's QuantizeLinear, and those of ops that share its grid (pooling: same qparams in, out)
+        marked = [n for n in graph.node if n.op_type == "QuantizeLinear"
+                  and values[n.input[1]].size == 1 and np.float32(values[n.input[1]]) == np.float32(placeholder)]
+        require(bool(marked), path, f"no QuantizeLinear carries the placeholder scale of {layer}")
+        scale_name, zp_name = f"a16_{i}_scale", f"a16_{i}_zero_point"
+        values[scale_name], values[zp_name] = np.array(scale, dtype=np.float32), np.array(zero_point, dtype=np.uint16)
+        graph.initializer.extend(onnx.numpy_helper.from_array(values[n], n) for n in (scale_name, zp_name))
+        for quantize in marked:
+            readers = [n for n in graph.node if quantize.output[0] in n.input]
+            require(all(n.op_type == "DequantizeLinear" for n in readers), path, f"the output of {layer} is "
+                    f"read by {sorted({n.op_type for n in readers})}, not only DequantizeLinear")
+            for node in (quantize, *readers):
+                node.input[1], node.input[2] = scale_name, zp_name
+    _save_at_opset21(model, path)
+    return len(grids)
+
+
+def _save_at_opset21(model: onnx.ModelProto, path: Path) -> None:
+    """Drop initializers no node reads, raise the opset to 21 (the first with INT4 and UINT16
+    Quantize/DequantizeLinear), check and save atomically."""
+    graph = model.graph
     used = {name for node in graph.node for name in node.input}
-    kept = [i for i in graph.initializer if i.name in used]  # INT8 zero points left behind go
+    kept = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
     for opset in model.opset_import:
@@ -170,7 +211,6 @@ def store_int4_weights(path: str | Path, int4_weights: list[np.ndarray]) -> int:
     tmp_path = path.with_name(path.name + ".tmp")
     onnx.save(model, str(tmp_path))
     tmp_path.replace(path)
-    return len(int4_weights)
 
 
 def int4_tensor(name: str, values: np.ndarray) -> onnx.TensorProto:
@@ -181,6 +221,33 @@ def int4_tensor(name: str, values: np.ndarray) -> onnx.TensorProto:
         nibbles = np.append(nibbles, np.uint8(0))
     packed = nibbles[0::2] | (nibbles[1::2] << 4)
     return onnx.helper.make_tensor(name, onnx.TensorProto.INT4, values.shape, packed.tobytes(), raw=True)
+
+
+def float_convs_expected(path: str | Path) -> int:
+    """Convs of an exported file that onnxruntime has no integer kernel for: those reading or writing
+    a tensor on a grid other than 8 bits (INT4 weights, UINT16 activations). Every other Conv of a
+    quantized file must run as an integer kernel."""
+    graph = onnx.load(str(path)).graph
+    zero_point_type = {i.name: i.data_type for i in graph.initializer}
+    producer = {name: node for node in graph.node for name in node.output}
+    readers: dict[str, list] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            readers[name].append(node)
+
+    def off_grid(node) -> bool:
+        return (node is not None and node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2
+                and zero_point_type.get(node.input[2]) in (onnx.TensorProto.INT4, onnx.TensorProto.UINT16))
+
+    def output_quantizers(conv) -> list:
+        tensors, found = [conv.output[0]], []
+        while tensors:
+            for node in readers[tensors.pop()]:
+                (tensors.append(node.output[0]) if node.op_type in ("Relu", "Clip") else found.append(node))
+        return found
+
+    return sum(any(off_grid(producer.get(name)) for name in conv.input) or any(map(off_grid, output_quantizers(conv)))
+               for conv in graph.node if conv.op_type == "Conv")
 
 
 def conv_kernels(path: str | Path) -> dict[str, int]:
@@ -227,22 +294,31 @@ def check_fp32_export(model: nn.Module, path: str | Path, images: torch.Tensor, 
     return parity
 
 
-def check_int8_export(int8_model: nn.Module, fake_quant: nn.Module, path: str | Path, images: torch.Tensor,
-                      cfg: ExportConfig, int4_convs: int = 0) -> dict:
-    """The gates an INT8 file must pass, on real images; raises on the first that fails.
+def check_int8_export(int8_model: nn.Module | None, fake_quant: nn.Module, path: str | Path, images: torch.Tensor,
+                      cfg: ExportConfig) -> dict:
+    """The gates a quantized file must pass, on real images; raises on the first that fails.
 
     - every Conv runs as an integer kernel in onnxruntime (a float Conv is a broken export), except
-      the `int4_convs` convs with INT4 weights, which onnxruntime runs in float (and no more);
+      those on INT4 weights or UINT16 activations (`float_convs_expected`), which it runs in float;
     - against the converted integer torch model, the same integers in another engine: top-1
       agreement >= export.min_int8_agreement and max |logit| difference within
       export.int8_logit_tolerance_steps steps of the output grid.
     The fake-quant model's agreement is reported, not gated: fake-quant simulates requantization in
     float, and its distance from either integer engine is a property of QAT, not of the export.
+    A model with 16-bit activations has no integer torch model (`int8_model` None): its file is
+    gated on top-1 agreement with the fake-quant model instead.
     """
     convs = conv_kernels(path)
-    require(convs["float"] == int4_convs, path, f"{convs['float']} Conv(s) run in float in onnxruntime, "
-            f"expected {int4_convs} (the INT4-weight ones)")
+    expected = float_convs_expected(path)
+    require(convs["float"] == expected, path, f"{convs['float']} Conv(s) run in float in onnxruntime, "
+            f"expected {expected} (those on INT4 weights or 16-bit activations)")
     runner = make_runner(path)
+    if int8_model is None:
+        vs_fake_quant = compare(fake_quant, runner, images)
+        require(vs_fake_quant["top1_agreement"] >= cfg.min_int8_agreement, path,
+                f"top-1 agreement with the fake-quant model {vs_fake_quant['top1_agreement']:.4f} < "
+                f"export.min_int8_agreement={cfg.min_int8_agreement}")
+        return {"parity_fake_quant": vs_fake_quant, "conv_kernels": convs}
     vs_int8 = compare(int8_model, runner, images)
     step = output_step(path)
     vs_int8["max_abs_diff_steps"] = vs_int8["max_abs_diff"] / step

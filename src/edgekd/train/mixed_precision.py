@@ -11,7 +11,8 @@ divergence of its val logits from the FP32 model's (and its accuracy drop, for t
 Allocation picks the layers whose weights go to 4 bits: the least summed sensitivity under a budget
 on the average weight bits (`qat.avg_weight_bits`), solved exactly as a 0/1 knapsack over the
 layers' weight counts; the first and last layers can be kept at 8 bits (they see the raw pixels
-and produce the logits, and hold few weights).
+and produce the logits, and hold few weights). For mixed 16/8, the layers whose outputs gain most
+from 16 bits (the largest KL reduction) keep 16-bit activations, a share `qat.act16_share` of them.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edgekd.errors import UserError
-from edgekd.train.quant import WEIGHT_RANGES, layer_weights, quantized_layers, set_layer_bits
+from edgekd.train.quant import ACTIVATION_RANGES, WEIGHT_RANGES, layer_weights, quantized_layers, set_layer_bits
 
 
 @torch.no_grad()
@@ -97,17 +98,30 @@ def allocate_bits(sensitivity: dict[str, float], weights: dict[str, int], avg_we
     return {layer: 8 if layer in kept else 4 for layer in weights}
 
 
+def allocate_activation_bits(kl_gain: dict[str, float], share: float) -> dict[str, int]:
+    """Output bits per layer (8 or 16): the round(share * layers) layers with the largest KL gain from
+    16-bit outputs get 16 bits, provided the gain is positive; ties keep the earlier layer first."""
+    if not 0 <= share <= 1:
+        raise ValueError(f"share must be in 0..1, got {share}")
+    count = int(np.floor(share * len(kl_gain) + 0.5))
+    ranked = sorted(kl_gain, key=lambda layer: -kl_gain[layer])  # stable: graph order among ties
+    wide = {layer for layer in ranked[:count] if kl_gain[layer] > 0}
+    return {layer: 16 if layer in wide else 8 for layer in kl_gain}
+
+
 def average_bits(bits: dict[str, int], weights: dict[str, int]) -> float:
     return sum(bits[layer] * weights[layer] for layer in weights) / sum(weights.values())
 
 
-def read_bits(path: str | Path) -> dict[str, int]:
-    """The `allocate_bits` stage's CSV (layer, weights, weight_bits) as {layer: bits}."""
+def read_bits(path: str | Path, column: str = "weight_bits") -> dict[str, int]:
+    """A CSV of the `allocate_bits` stage (layer, ..., weight_bits or activation_bits) as {layer: bits}."""
+    allowed = {"weight_bits": WEIGHT_RANGES, "activation_bits": ACTIVATION_RANGES}[column]
     try:
         with open(path, newline="") as f:
-            bits = {row["layer"]: int(row["weight_bits"]) for row in csv.DictReader(f)}
+            bits = {row["layer"]: int(row[column]) for row in csv.DictReader(f)}
     except (OSError, KeyError, ValueError) as err:
-        raise UserError(f"{path}: not a bit allocation ({err}); rerun the allocate_bits stage") from None
-    if not bits or not set(bits.values()) <= set(WEIGHT_RANGES):
-        raise UserError(f"{path}: weight bits must be in {sorted(WEIGHT_RANGES)}")
+        raise UserError(f"{path}: not a bit allocation with column {column} ({err}); "
+                        "rerun the allocate_bits stage") from None
+    if not bits or not set(bits.values()) <= set(allowed):
+        raise UserError(f"{path}: {column} must be in {sorted(allowed)}")
     return bits

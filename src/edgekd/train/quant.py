@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.ao.nn.intrinsic import qat as nniqat
@@ -104,11 +105,19 @@ def set_layer_bits(model: torch.fx.GraphModule, layer: str, weight_bits: int | N
         set_range(output_fake_quant(model, layer), *ACTIVATION_RANGES[activation_bits])
 
 
-def apply_bits(model: torch.fx.GraphModule, weight_bits: dict[str, int]) -> torch.fx.GraphModule:
-    """Every layer's weights at its assigned bits (layers not named keep theirs)."""
+def apply_bits(model: torch.fx.GraphModule, weight_bits: dict[str, int],
+               activation_bits: dict[str, int] | None = None) -> torch.fx.GraphModule:
+    """Every layer's weights and outputs at their assigned bits (layers not named keep theirs)."""
     for layer, bits in weight_bits.items():
         set_layer_bits(model, layer, weight_bits=bits)
+    for layer, bits in (activation_bits or {}).items():
+        set_layer_bits(model, layer, activation_bits=bits)
     return model
+
+
+def wide_outputs(model: torch.fx.GraphModule) -> list[str]:
+    """The layers whose outputs are quantized with more than 8 bits (16-bit activations)."""
+    return [layer for layer in quantized_layers(model) if output_fake_quant(model, layer).quant_max > 255]
 
 
 def qconfig_mapping() -> QConfigMapping:
@@ -168,7 +177,42 @@ def calibrate(model: torch.fx.GraphModule, batches: Iterable[torch.Tensor]) -> t
 
 
 def convert(qat_model: nn.Module) -> torch.fx.GraphModule:
-    """Integer torch model (quantized kernels) from a fake-quant model; the input is left untouched."""
+    """Integer torch model (quantized kernels) from a fake-quant model; the input is left untouched.
+    PyTorch's quantized kernels are 8-bit: a model with 16-bit activations converts with
+    `convert_for_export` instead."""
+    if wide_outputs(qat_model):
+        raise ValueError(f"16-bit activations ({', '.join(wide_outputs(qat_model))}) have no integer torch kernels")
+    return _convert(qat_model)
+
+
+def convert_for_export(qat_model: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, dict[str, tuple]]:
+    """The integer model to export, and for each layer with 16-bit outputs its (placeholder scale,
+    scale, zero point). Those layers convert on an 8-bit grid whose output scale is then set to a
+    placeholder that no other tensor of the graph has, so that the export's QuantizeLinear of that
+    layer can be found and given the 16-bit grid (deploy.export.store_int16_activations). The
+    returned torch model computes those layers on the 8-bit placeholder grid: it is a vehicle for the
+    export, not a reference for its answers (the fake-quant model is)."""
+    model = copy.deepcopy(qat_model).cpu().eval()
+    wide = {}
+    for layer in wide_outputs(model):
+        fake_quant = output_fake_quant(model, layer)
+        wide[layer] = (float(fake_quant.scale), int(fake_quant.zero_point))
+        set_range(fake_quant, *ACTIVATION_RANGES[8])
+    integer = _convert(model)
+    taken = {float(m.scale) for m in integer.modules() if hasattr(m, "scale") and isinstance(m.scale, float)}
+    grids = {}
+    for i, (layer, (scale, zero_point)) in enumerate(wide.items()):
+        module = integer.get_submodule(layer)
+        placeholder = float(np.float32(module.scale * (1 + (i + 1) * 2.0**-10)))
+        if placeholder in taken:
+            raise ValueError(f"{layer}: placeholder scale {placeholder} is taken; cannot mark its output")
+        taken.add(placeholder)
+        module.scale = placeholder
+        grids[layer] = (placeholder, scale, zero_point)
+    return integer, grids
+
+
+def _convert(qat_model: nn.Module) -> torch.fx.GraphModule:
     torch.backends.quantized.engine = BACKEND
     model = copy.deepcopy(qat_model).cpu().eval()
     ranges = {name: (m.weight_fake_quant.quant_min, m.weight_fake_quant.quant_max)
@@ -216,10 +260,11 @@ def _determinism_alerts_back(module: nn.Module, args: tuple, output: object) -> 
 
 
 def rebuild_qat(fp32_model: nn.Module, image_size: int, state_dict: dict,
-                weight_bits: dict[str, int] | None = None) -> torch.fx.GraphModule:
+                weight_bits: dict[str, int] | None = None,
+                activation_bits: dict[str, int] | None = None) -> torch.fx.GraphModule:
     """Frozen fake-quant model from an architecture and a saved QAT state dict (ranges included);
-    `weight_bits`: the layers a mixed-precision model quantizes with other than 8 bits."""
-    model = apply_bits(prepare_qat(fp32_model, image_size), weight_bits or {})
+    `weight_bits`, `activation_bits`: the layers a mixed-precision model quantizes with other than 8 bits."""
+    model = apply_bits(prepare_qat(fp32_model, image_size), weight_bits or {}, activation_bits)
     model.load_state_dict(state_dict)
     return freeze_qat(model).eval()
 
@@ -230,7 +275,8 @@ def load_qat_model(path: str | Path) -> tuple[torch.fx.GraphModule, dict]:
     try:
         spec = payload["model"]
         fp32 = build_model(spec["arch"], int(spec["num_classes"]), float(spec["width"]))
-        model = rebuild_qat(fp32, int(payload["image_size"]), payload["state_dict"], payload.get("weight_bits"))
+        model = rebuild_qat(fp32, int(payload["image_size"]), payload["state_dict"], payload.get("weight_bits"),
+                            payload.get("activation_bits"))
     except (KeyError, TypeError, RuntimeError) as err:
         raise UserError(f"{path}: not a QAT checkpoint of this project ({type(err).__name__}: {err})") from None
     return model, payload
