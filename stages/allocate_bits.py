@@ -10,13 +10,13 @@ two files are apart so that a change of one budget retrains only the model that 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 from pathlib import Path
 
 from edgekd.config import load_params
 from edgekd.errors import UserError
+from edgekd.plot_files import write_csv
 from edgekd.runtime import run_stage, write_metrics
 from edgekd.train.mixed_precision import allocate_activation_bits, allocate_bits, average_bits
 
@@ -62,13 +62,6 @@ def main() -> None:
              "outputs", len(four), len(names), metrics["avg_weight_bits"], p.qat.avg_weight_bits,
              metrics["layers_act16"])
 
-
-def write_csv(path: str, header: list[str], rows: list[list]) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from edgekd.deploy.sessions import make_runner
 from edgekd.errors import UserError
 from edgekd.eval.latency import measure_speed
 from edgekd.eval.metrics import classification_metrics, predict_all
+from edgekd.plot_files import write_csv
 from edgekd.runtime import run_stage, write_metrics
 
 log = logging.getLogger("edgekd")
@@ -57,20 +57,12 @@ def main() -> None:
     if "fp32" in preds and "int8" in preds:
         results["int8_agreement"] = float((preds["fp32"] == preds["int8"]).mean())
     plots = Path(args.plots)
-    plots.mkdir(parents=True, exist_ok=True)
     for name, pred in preds.items():
         write_csv(plots / f"confusion_{name}.csv", ["actual", "predicted"],
                   [(classes[a], classes[b]) for a, b in zip(labels, pred)])
     write_csv(plots / "tradeoff.csv", ["model", "accuracy", "latency_p50_ms", "size_bytes"],
               [(n, results[n]["accuracy"], results[n]["latency_p50_ms"], results[n]["size_bytes"]) for n in preds])
     write_metrics(args.metrics, results)
-
-
-def write_csv(path: Path, header: list[str], rows) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
 
 
 if __name__ == "__main__":

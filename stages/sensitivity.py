@@ -10,12 +10,11 @@ Writes the per-layer figures as metrics and a sorted bar plot, so a pull request
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
-from pathlib import Path
 
 from edgekd.config import load_params
 from edgekd.data.prepared import load_info, load_split, model_batches
+from edgekd.plot_files import write_csv
 from edgekd.runtime import run_stage, select_device, write_metrics
 from edgekd.train.checkpoints import load_model
 from edgekd.train.mixed_precision import layer_sensitivity, logits_of
@@ -46,12 +45,9 @@ def main() -> None:
 
     write_metrics(args.metrics, result)
     ranked = sorted(result["layers"].items(), key=lambda item: -item[1]["weight4_kl"])
-    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.plot, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["layer", "weights", "weight4_kl", "weight4_acc_drop", "act16_kl_gain"])
-        writer.writerows([name, m["weights"], f"{m['weight4_kl']:.6g}", f"{m['weight4_acc_drop']:.6g}",
-                          f"{m['act16_kl_gain']:.6g}"] for name, m in ranked)
+    write_csv(args.plot, ["layer", "weights", "weight4_kl", "weight4_acc_drop", "act16_kl_gain"],
+              [[name, m["weights"], f"{m['weight4_kl']:.6g}", f"{m['weight4_acc_drop']:.6g}",
+                f"{m['act16_kl_gain']:.6g}"] for name, m in ranked])
     log.info("sensitivity: %d layers; INT8 KL %.5f; most sensitive at 4-bit weights: %s", len(ranked),
              result["int8_kl"], ", ".join(f"{n} ({m['weight4_kl']:.4f})" for n, m in ranked[:3]))
 

@@ -180,9 +180,10 @@ def convert(qat_model: nn.Module) -> torch.fx.GraphModule:
     """Integer torch model (quantized kernels) from a fake-quant model; the input is left untouched.
     PyTorch's quantized kernels are 8-bit: a model with 16-bit activations converts with
     `convert_for_export` instead."""
-    if wide_outputs(qat_model):
-        raise ValueError(f"16-bit activations ({', '.join(wide_outputs(qat_model))}) have no integer torch kernels")
-    return _convert(qat_model)
+    wide = wide_outputs(qat_model)
+    if wide:
+        raise ValueError(f"16-bit activations ({', '.join(wide)}) have no integer torch kernels")
+    return _convert(copy.deepcopy(qat_model).cpu().eval())
 
 
 def convert_for_export(qat_model: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, dict[str, tuple]]:
@@ -212,9 +213,9 @@ def convert_for_export(qat_model: torch.fx.GraphModule) -> tuple[torch.fx.GraphM
     return integer, grids
 
 
-def _convert(qat_model: nn.Module) -> torch.fx.GraphModule:
+def _convert(model: nn.Module) -> torch.fx.GraphModule:
+    """convert_fx of a fake-quant model the caller owns (a CPU copy in eval mode), weights clamped."""
     torch.backends.quantized.engine = BACKEND
-    model = copy.deepcopy(qat_model).cpu().eval()
     ranges = {name: (m.weight_fake_quant.quant_min, m.weight_fake_quant.quant_max)
               for name, m in model.named_modules() if hasattr(m, "weight_fake_quant")}
     with warnings.catch_warnings():  # "quantized tensor creation is deprecated" per layer
