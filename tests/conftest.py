@@ -85,6 +85,22 @@ def tiny_repo(tiny_repo_template: Path, tmp_path: Path) -> Path:
     return clone_tiny_repo(tiny_repo_template, tmp_path / "repo")
 
 
+@pytest.fixture(scope="session")
+def changed_student_template(tiny_repo_template: Path, tmp_path_factory) -> Path:
+    """The tiny project after `dvc repro` with tiny_pipeline.CHANGED_STUDENT (wider, smaller input)."""
+    from tiny_pipeline import make_changed_student_repo
+
+    return make_changed_student_repo(tiny_repo_template, tmp_path_factory.mktemp("changed") / "repo")
+
+
+@pytest.fixture
+def changed_student_repo(changed_student_template: Path, tmp_path: Path) -> Path:
+    """A private copy of `changed_student_template`."""
+    from tiny_pipeline import clone_tiny_repo
+
+    return clone_tiny_repo(changed_student_template, tmp_path / "repo")
+
+
 def png_bytes(width: int, height: int, bit_depth: int = 8, colour_type: int = 2,
               rows: bytes | None = None) -> bytes:
     """A PNG written by hand: lets tests declare any header (a 100,000 x 100,000 'bomb' whose

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny_pipeline import set_params, sh
+from tiny_pipeline import REPRO_LOG, sh
 
 from edgekd.errors import UserError
 from tools.pr_report.diff import (
@@ -189,10 +189,10 @@ def test_write_report_unknown_base_is_one_line_user_error(synthetic_repo: Path):
 
 # ---------------------------------------------------------------- the real pipeline, end to end
 
-def test_make_report_lists_width_change_and_student_deltas(tiny_repo: Path):
-    repo = tiny_repo  # the project, reproduced with tiny params and committed (conftest)
-    set_params(repo, {"student": {"width": 0.5}})
-    rerun = sh(sys.executable, "-m", "dvc", "repro", cwd=repo).stdout
+def test_make_report_lists_width_change_and_student_deltas(changed_student_repo: Path):
+    # The tiny project, committed, then reproduced again with student.width 0.5 (conftest)
+    repo = changed_student_repo
+    rerun = (repo.parent / REPRO_LOG).read_text()
     for arch in ("resnet18", "mobilenet_v2", "densenet121"):
         assert f"Stage 'train_teacher@{arch}' didn't change, skipping" in rerun
     (repo / ".deps-installed").touch()  # requirements are installed already: no pip run

@@ -14,7 +14,7 @@ import onnx
 import pytest
 import torch
 import yaml
-from tiny_pipeline import set_params
+from tiny_pipeline import REPRO_LOG
 
 from edgekd.data.prepared import load_info, load_split, normalize, resize_batch
 from edgekd.deploy.export import read_metadata
@@ -157,10 +157,9 @@ def test_student_and_kd_params_never_rerun_teachers(tiny_repo: Path):
     assert "soft_targets" in views and not views & teachers and "Running stage 'soft_targets'" in dry
 
 
-def test_smaller_student_input_trains_on_teacher_views_and_deploys_at_its_size(tiny_repo: Path):
-    repo = tiny_repo  # data.image_size 32: the teachers and their soft targets stay as they are
-    set_params(repo, {"student": {"image_size": 16}})
-    out = _dvc(repo, "repro")
+def test_smaller_student_input_trains_on_teacher_views_and_deploys_at_its_size(changed_student_repo: Path):
+    repo = changed_student_repo  # student.image_size 16 under data.image_size 32 (tiny_pipeline.CHANGED_STUDENT)
+    out = (repo.parent / REPRO_LOG).read_text()  # its `dvc repro`: teachers and soft targets stay as they are
     assert "Running stage 'distill'" in out and "Running stage 'evaluate'" in out
     assert "Running stage 'train_teacher" not in out and "Running stage 'soft_targets'" not in out
     for name in ("baseline", "student_fp32", "student_int8"):

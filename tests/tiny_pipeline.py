@@ -27,7 +27,7 @@ TINY_OVERRIDES = {
     "qat": {"epochs": 1, "freeze_bn_epoch": 1, "freeze_observer_epoch": 1},
     # 1-epoch models: logits span ~200 fine steps of their output grid, and the same rounding noise
     # that is 4-6 steps for a trained student reaches 15-34 here (measured; 34: the stock
-    # mobilenet_v3_small variant of the benchmark test); agreement 1.0 on val.
+    # mobilenet_v3_small student); agreement 1.0 on val.
     "export": {"int8_logit_tolerance_steps": 48, "min_int8_agreement": 0.8},
     "bench": {"warmup": 2, "runs": 10, "batch": 4},
 }
@@ -99,4 +99,19 @@ def commit_all(repo: Path, message: str) -> None:
 
 def clone_tiny_repo(template: Path, dest: Path) -> Path:
     shutil.copytree(template, dest, symlinks=True)
+    return dest
+
+
+# One student change shared by the tests that need a rerun of every student stage (each rerun costs
+# about a minute): a wider student at a smaller input than the teachers' views.
+CHANGED_STUDENT = {"student": {"width": 0.5, "image_size": 16}}
+
+
+def make_changed_student_repo(template: Path, dest: Path) -> Path:
+    """A copy of the reproduced tiny project with CHANGED_STUDENT set (uncommitted) and `dvc repro`
+    run again; its output is kept beside it (REPRO_LOG)."""
+    clone_tiny_repo(template, dest)
+    set_params(dest, CHANGED_STUDENT)
+    proc = sh("dvc", "repro", cwd=dest)
+    (dest.parent / REPRO_LOG).write_text(proc.stdout + proc.stderr)
     return dest
