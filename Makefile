@@ -20,8 +20,10 @@ demo-data: deps
 repro: demo-data
 	dvc repro
 
+# One pytest worker per CPU core (pytest-xdist); workers that run out of tests take some from the
+# others (worksteal), since the tiny project's end-to-end tests take minutes and the unit tests seconds.
 test: deps
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -n auto --dist worksteal
 
 # PR report: params/metrics/plots of the workspace vs BASE -> reports/pr/report.md + plots/*.png.
 # `make report BASE=origin/main`; CI adds PLOTS_URL (the run page) to link the images.
