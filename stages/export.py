@@ -23,7 +23,7 @@ from edgekd.deploy.export import (
 from edgekd.deploy.sessions import make_runner
 from edgekd.runtime import run_stage, select_device, write_metrics
 from edgekd.train.checkpoints import load_model
-from edgekd.train.models import build_model, count_params
+from edgekd.train.models import count_params, model_from_spec
 from edgekd.train.quant import convert_for_export, load_qat_model
 
 log = logging.getLogger("edgekd")
@@ -58,8 +58,7 @@ def main() -> None:
     for pt, onnx_path in args.qat:
         fake_quant, payload = load_qat_model(pt)
         integer, grids = convert_for_export(fake_quant)  # grids: the layers with 16-bit outputs
-        spec = payload["model"]
-        params = count_params(build_model(spec["arch"], int(spec["num_classes"]), float(spec["width"])))
+        params = count_params(model_from_spec(payload["model"]))
         four = [layer for layer, bits in payload.get("weight_bits", {}).items() if bits == 4]
         precision = "int8" + ("+int4" if four else "") + ("+a16" if grids else "")  # mixed: where allocated
         export_onnx(integer, onnx_path, meta_from_checkpoint(payload, precision, params), p.export.opset)

@@ -40,9 +40,8 @@ def main() -> None:
     calibration = train[:p.ptq.calibration_images]
     model = calibrate(prepare_qat(student, size), model_batches(calibration, size, info.mean, info.std, batch))
 
-    spec = payload["model"]
-    save_checkpoint(args.out, model_payload(model, spec["arch"], spec["width"],
-                                            dataclasses.replace(info, image_size=size), ptq=as_dict(p.ptq)))
+    save_checkpoint(args.out, model_payload(model, payload["model"], dataclasses.replace(info, image_size=size),
+                                            ptq=as_dict(p.ptq)))
     val = (resize_batch(val[0], size), val[1])
     metrics = {"calibration_images": len(calibration),
                "val_acc_fp32": evaluate(student, *val, info.mean, info.std, batch)["acc"],

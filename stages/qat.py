@@ -95,10 +95,8 @@ def main() -> None:
     int8_acc = (None if wide_outputs(model) else
                 engine.evaluate(convert(model), *val, info.mean, info.std, t.eval_batch_size)["acc"])
 
-    spec = payload["model"]
-    save_checkpoint(args.out, model_payload(model, spec["arch"], spec["width"],
-                                            dataclasses.replace(info, image_size=size), qat=p.qat.recipe(),
-                                            **({"weight_bits": bits} if bits else {}),
+    save_checkpoint(args.out, model_payload(model, payload["model"], dataclasses.replace(info, image_size=size),
+                                            qat=p.qat.recipe(), **({"weight_bits": bits} if bits else {}),
                                             **({"activation_bits": activation_bits} if activation_bits else {})))
     metrics = {"val_acc_fake_quant": fake_quant_acc, **({} if int8_acc is None else {"val_acc_int8_torch": int8_acc}),
                "val_acc_fp32_start": engine.evaluate(student, *val, info.mean, info.std)["acc"],

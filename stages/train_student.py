@@ -44,7 +44,7 @@ def main() -> None:
     targets = (load_soft_targets(args.soft_targets, train, params.seed, len(info.classes), params.kd.ensemble)
                if args.mode == "distill" else None)
     kd_id = [] if targets is None else [params.kd.temperature, params.kd.alpha, targets["logits"]]
-    model = build_model(cfg.arch, len(info.classes), cfg.width)
+    model = build_model(cfg.arch, len(info.classes), cfg.width, stem=cfg.stem)
     size = cfg.image_size or info.image_size
     run_id = fingerprint(args.mode, as_dict(params.train), as_dict(cfg), *kd_id, *train, *val)
     setup = setup_from_params(params, info, device, cfg.epochs, cfg.seed, args.live, run_id, input_size=size)
@@ -52,7 +52,8 @@ def main() -> None:
 
     result = train_model(model, loss_fn, cfg.lr, params.train.weight_decay, train, val, setup, batches=batches)
 
-    save_checkpoint(args.out, model_payload(model, cfg.arch, cfg.width, dataclasses.replace(info, image_size=size),
+    save_checkpoint(args.out, model_payload(model, {"arch": cfg.arch, "width": cfg.width, "stem": cfg.stem},
+                                            dataclasses.replace(info, image_size=size),
                                             val_acc=result.best_val_acc, mode=args.mode))
     write_metrics(args.metrics, training_summary(result, model, time.perf_counter() - start))
     log.info("%s: val_acc %.4f (epoch %d), %s", args.mode, result.best_val_acc, result.best_epoch + 1, args.out)

@@ -70,10 +70,11 @@ def test_missing_and_garbage_files(tmp_path):
 
 def test_model_payload_rebuilds_the_model(tmp_path):
     info = DatasetInfo(["a", "b", "c"], 32, [0.1, 0.2, 0.3], [0.5, 0.5, 0.5])
-    model = build_model("mobilenet_v3_small_minimal", 3, 0.5).eval()
-    save_checkpoint(tmp_path / "s.pt", model_payload(model, "mobilenet_v3_small_minimal", 0.5, info, val_acc=0.9))
+    model = build_model("mobilenet_v3_small_minimal", 3, 0.5, stem="small").eval()
+    spec = {"arch": "mobilenet_v3_small_minimal", "width": 0.5, "stem": "small"}
+    save_checkpoint(tmp_path / "s.pt", model_payload(model, spec, info, val_acc=0.9))
     rebuilt, payload = load_model(tmp_path / "s.pt")
-    assert payload["model"] == {"arch": "mobilenet_v3_small_minimal", "num_classes": 3, "width": 0.5}
+    assert payload["model"] == {**spec, "num_classes": 3}
     assert payload["classes"] == ["a", "b", "c"] and payload["image_size"] == 32 and payload["val_acc"] == 0.9
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(rebuilt.eval()(x), model(x))

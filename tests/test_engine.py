@@ -145,3 +145,18 @@ def test_fingerprint_sees_values_and_tensor_contents():
     assert fingerprint({"lr": 0.1}, a) == fingerprint({"lr": 0.1}, torch.zeros(3))
     assert fingerprint({"lr": 0.1}, a) != fingerprint({"lr": 0.2}, a)
     assert fingerprint([{"w": a}]) != fingerprint([{"w": torch.ones(3)}])
+
+
+@pytest.mark.parametrize("total_steps", range(1, 13))
+def test_one_cycle_schedule_runs_to_its_end_at_any_length(total_steps):
+    # A run of a few steps (tiny data, one epoch) must train through the whole warm-up and decay.
+    model = torch.nn.Linear(4, 2)
+    optimizer, scheduler = make_optimizer(model, 0.01, 0.05, 1, total_steps)
+    lrs = []  # the lr each step trains with
+    for _ in range(total_steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert all(0 < lr <= 0.01 for lr in lrs) and lrs[-1] == min(lrs)  # decays to its end
+    if total_steps >= 5:  # long enough for a warm-up step (0.2 of the steps)
+        assert lrs[0] < max(lrs)

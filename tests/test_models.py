@@ -24,7 +24,8 @@ def test_student_forward_and_width(arch, width):
     with torch.no_grad():
         out = model(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 5)
-    assert model.features[0][0].out_channels == max(8, round(16 * width / 8) * 8)
+    base = 32 if arch == "mobilenet_v2" else 16  # first conv's channels at width 1
+    assert model.features[0][0].out_channels == max(8, round(base * width / 8) * 8)
 
 
 def test_width_scales_parameters():
@@ -71,15 +72,47 @@ def test_students_trace_with_fx(arch):
     torch.testing.assert_close(traced(x), model(x))
 
 
+def _final_map(model: nn.Module, side: int) -> tuple[int, int]:
+    """Spatial size of the feature map the classifier pools, for a `side` x `side` input."""
+    body = model.features if hasattr(model, "features") else nn.Sequential(*list(model.children())[:-2])
+    with torch.no_grad():
+        return tuple(body(torch.zeros(1, 3, side, side)).shape[-2:])
+
+
+# At 32 px (CIFAR): the ImageNet stems leave 1x1 maps; the small stems 4x4 (resnet18, densenet121:
+# stride-1 3x3 conv, no max-pool) or 2x2 (the MobileNets: stride-1 first conv; fused: 2x2 patchify).
+SMALL_STEM_MAPS = {"resnet18": (4, 4), "densenet121": (4, 4), "mobilenet_v2": (2, 2), "mobilenet_v3_small": (2, 2),
+                   "mobilenet_v3_small_relu": (2, 2), "mobilenet_v3_small_minimal": (2, 2),
+                   "mobilenet_v3_small_fused": (2, 2)}
+
+
+@pytest.mark.parametrize("arch", sorted(SMALL_STEM_MAPS))
+def test_small_input_stem_keeps_maps_at_32px_and_the_parameters_but_the_stem(arch):
+    width = 1.0 if arch in TEACHER_ARCHS else 0.5
+    imagenet, small = (build_model(arch, 10, width, stem=stem).eval() for stem in ("imagenet", "small"))
+    assert _final_map(imagenet, 32) == (1, 1) and _final_map(small, 32) == SMALL_STEM_MAPS[arch]
+    first = next(m for m in small.modules() if isinstance(m, nn.Conv2d))
+    assert first.in_channels == 3 and first.stride == ((2, 2) if arch.endswith("fused") else (1, 1))
+    # Only a 7x7 stem conv that became 3x3 (or the fused 4x4 patchify become 2x2) changes the count.
+    removed = {"resnet18": (49 - 9) * 3 * 64, "densenet121": (49 - 9) * 3 * 64,
+               "mobilenet_v3_small_fused": (16 - 4) * 3 * first.out_channels}.get(arch, 0)
+    assert count_params(imagenet) - count_params(small) == removed
+    assert small(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
 def test_unknown_arch_lists_valid_names():
     with pytest.raises(UserError, match="mobilenet_v3_small_minimal") as err:
         build_model("resnet50", 5)
     assert "densenet121" in str(err.value)
 
 
-def test_teachers_have_no_width():
+def test_only_the_mobilenets_have_a_width():
     with pytest.raises(ValueError, match="width"):
         build_model("resnet18", 5, width=0.5)
+    with pytest.raises(ValueError, match="stem"):
+        build_model("resnet18", 5, stem="tiny")
+    # mobilenet_v2 is a teacher at width 1 and the seed's CIFAR-10 student at any width
+    assert count_params(build_model("mobilenet_v2", 5, 0.5)) < count_params(build_model("mobilenet_v2", 5))
 
 
 def test_local_teacher_weights_load_backbone_but_not_head(tmp_path):

@@ -30,6 +30,7 @@ from edgekd.train.quant import (
 )
 
 ARCH = StudentConfig().arch  # the default student
+SPEC = {"arch": ARCH, "width": 0.25, "stem": "imagenet"}  # a checkpoint's model entry (model_payload)
 
 
 def _ce(model, batch):
@@ -67,7 +68,7 @@ def test_phases_freeze_observers_and_bn_from_their_epoch():
 def test_fake_quant_predicts_onnx_int8_and_checkpoint_rebuilds(prepared_small, tmp_path):
     model, info = _qat_one_epoch(prepared_small)
     x = normalize(load_split(prepared_small, "val")[0], info.mean, info.std)  # real val images
-    save_checkpoint(tmp_path / "qat.pt", model_payload(model, ARCH, 0.25, info))
+    save_checkpoint(tmp_path / "qat.pt", model_payload(model, SPEC, info))
     rebuilt, payload = load_qat_model(tmp_path / "qat.pt")
     with torch.no_grad(), engine.evaluation_mode(model):
         assert torch.equal(rebuilt(x), model(x))  # ranges and folded-BN state come back exactly
@@ -107,7 +108,7 @@ def test_frozen_and_rebuilt_models_give_the_same_logits_whatever_they_saw(prepar
     freeze_qat(model)
     assert all(m.freeze_bn for m in model.modules() if isinstance(m, nniqat.ConvBn2d))
     x = normalize(load_split(prepared_small, "val")[0], info.mean, info.std)
-    save_checkpoint(tmp_path / "qat.pt", model_payload(model, ARCH, 0.25, info))
+    save_checkpoint(tmp_path / "qat.pt", model_payload(model, SPEC, info))
     rebuilt, _ = load_qat_model(tmp_path / "qat.pt")
     with torch.no_grad():
         first = rebuilt(x)

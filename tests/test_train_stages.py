@@ -55,7 +55,7 @@ def test_teacher_baseline_distill_stages(prepared_small, tmp_path):
     metrics = json.loads((tmp_path / "teacher_resnet18.json").read_text())
     assert {"val_acc", "params", "epochs_run", "wall_s", "train_images_per_s"} <= set(metrics)
     ckpt = load_checkpoint(tmp_path / "teachers/resnet18.pt")
-    assert ckpt["model"] == {"arch": "resnet18", "num_classes": 5, "width": 1.0}
+    assert ckpt["model"] == {"arch": "resnet18", "num_classes": 5, "width": 1.0, "stem": "imagenet"}
     assert ckpt["image_size"] == 32 and len(ckpt["mean"]) == 3
 
     run = _stage("soft_targets", "--data", prepared_small, "--teachers", tmp_path / "teachers", "--out",

@@ -24,7 +24,10 @@ from edgekd.errors import UserError
 
 TEACHER_ARCHS = ("resnet18", "mobilenet_v2", "densenet121")
 STUDENT_ARCHS = ("mobilenet_v3_small", "mobilenet_v3_small_relu", "mobilenet_v3_small_minimal",
-                 "mobilenet_v3_small_fused")
+                 "mobilenet_v3_small_fused", "mobilenet_v2")
+# The network's first layers: torchvision's ImageNet stem, or one for small inputs such as CIFAR's
+# 32 px, where the ImageNet stem leaves 1x1 feature maps before the last stage (edgekd.train.models).
+STEMS = ("imagenet", "small")
 DEVICES = ("auto", "cpu", "cuda")
 # How the student stages combine the teachers' stored logits (soft_targets keeps each teacher's):
 # plain mean, or per-sample weights from how well each teacher fits the sample's true label
@@ -114,8 +117,10 @@ class TeachersConfig(_Recorded):
     archs: tuple[str, ...] = TEACHER_ARCHS
     epochs: int = 10
     lr: float = 0.003
+    stem: str = "imagenet"  # one of STEMS
 
     def check(self) -> None:
+        _require(self.stem in STEMS, "teachers.stem", self.stem, f"one of {list(STEMS)}")
         _require(len(self.archs) >= 1, "teachers.archs", list(self.archs), "at least one name")
         for arch in self.archs:
             _require(arch in TEACHER_ARCHS, "teachers.archs", arch, f"one of {list(TEACHER_ARCHS)}")
@@ -126,7 +131,8 @@ class TeachersConfig(_Recorded):
 @dataclass(frozen=True)
 class StudentConfig(_Recorded):
     arch: str = "mobilenet_v3_small_fused"  # integer-fast ops: INT8 faster than FP32 in onnxruntime
-    width: float = 0.25  # MobileNetV3 width multiplier
+    width: float = 0.25  # MobileNet width multiplier
+    stem: str = "imagenet"  # one of STEMS
     epochs: int = 20
     lr: float = 0.005
     # Input side in px; None = data.image_size. Smaller sides trade accuracy for latency without
@@ -140,6 +146,7 @@ class StudentConfig(_Recorded):
         _require(0 <= self.seed < 2**32, "student.seed", self.seed, "an integer in 0..2**32-1")
         _require(self.arch in STUDENT_ARCHS, "student.arch", self.arch,
                  f"one of {list(STUDENT_ARCHS)}")
+        _require(self.stem in STEMS, "student.stem", self.stem, f"one of {list(STEMS)}")
         _require(0 < self.width <= 4, "student.width", self.width, "0 < width <= 4")
         _require(self.image_size is None or self.image_size >= 16, "student.image_size", self.image_size,
                  "null or an integer >= 16")

@@ -43,13 +43,14 @@ class ModelMeta:
     resize: str = RESIZE_METHOD
     arch: str = ""
     width: float = 0.0
+    stem: str = ""
     precision: str = "fp32"
     params: int = 0  # parameter count of the FP32 network (INT8 initializers add scales)
 
     def to_props(self) -> dict[str, str]:
         return {"classes": json.dumps(self.classes), "image_size": str(self.image_size),
                 "mean": json.dumps(self.mean), "std": json.dumps(self.std), "resize": self.resize,
-                "arch": self.arch, "width": str(self.width), "precision": self.precision,
+                "arch": self.arch, "width": str(self.width), "stem": self.stem, "precision": self.precision,
                 "params": str(self.params)}
 
 
@@ -70,7 +71,7 @@ def read_metadata(path: str | Path) -> ModelMeta:
                          mean=[float(v) for v in json.loads(props["mean"])],
                          std=[float(v) for v in json.loads(props["std"])],
                          resize=props["resize"], arch=props.get("arch", ""),
-                         width=float(props.get("width", 0) or 0),
+                         width=float(props.get("width", 0) or 0), stem=props.get("stem", ""),
                          precision=props.get("precision", ""),
                          params=int(props.get("params", 0) or 0))
     except (ValueError, TypeError) as err:
@@ -338,7 +339,7 @@ def meta_from_checkpoint(payload: dict, precision: str, params: int) -> ModelMet
     spec = payload["model"]
     return ModelMeta(classes=list(payload["classes"]), image_size=int(payload["image_size"]),
                      mean=list(payload["mean"]), std=list(payload["std"]), arch=spec["arch"],
-                     width=float(spec["width"]), precision=precision, params=params)
+                     width=float(spec["width"]), stem=spec["stem"], precision=precision, params=params)
 
 
 def require(ok: bool, path: str | Path, problem: str) -> None:

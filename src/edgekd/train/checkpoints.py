@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from edgekd.errors import UserError
-from edgekd.train.models import build_model
+from edgekd.train.models import model_from_spec
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
@@ -78,7 +78,7 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     payload = load_checkpoint(path)
     try:
         spec = payload["model"]
-        model = build_model(spec["arch"], int(spec["num_classes"]), float(spec["width"]))
+        model = model_from_spec(spec)
         model.load_state_dict(payload["state_dict"])
     except (KeyError, TypeError, RuntimeError) as err:
         raise UserError(f"{path}: not a model checkpoint of this project ({type(err).__name__}: {err})") from None
@@ -100,11 +100,13 @@ def load_teachers(folder: str | Path, archs: Sequence[str], info: Any) -> tuple[
     return models, payloads
 
 
-def model_payload(model: nn.Module, arch: str, width: float, info: Any, **extra: Any) -> dict[str, Any]:
-    """The checkpoint contract: state dict + model kwargs + the preprocessing the model expects."""
+def model_payload(model: nn.Module, spec: dict, info: Any, **extra: Any) -> dict[str, Any]:
+    """The checkpoint contract: state dict + model kwargs (`spec`: arch, width, stem; the classes
+    come from `info`) + the preprocessing the model expects."""
     return {
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "model": {"arch": arch, "num_classes": len(info.classes), "width": float(width)},
+        "model": {"arch": spec["arch"], "num_classes": len(info.classes), "width": float(spec["width"]),
+                  "stem": spec["stem"]},
         "classes": list(info.classes),
         "image_size": int(info.image_size),
         "mean": [float(m) for m in info.mean],

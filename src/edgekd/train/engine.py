@@ -87,9 +87,10 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, epochs: int
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
     )
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.2
-    )
+    total = epochs * steps_per_epoch
+    # OneCycleLR divides by its warm-up length in steps, pct_start * total - 1: zero at 5 steps.
+    warmup = 0.2 if total != 5 else 0.3
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total, pct_start=warmup)
     return optimizer, scheduler
 
 

@@ -1,7 +1,7 @@
 """Teacher and student architectures, all stock torchvision modules.
 
 Keeping torchvision's own classes (not hand-written copies) means FX quantization can trace the
-students and a checkpoint rebuilds itself from `{"arch", "num_classes", "width"}`.
+students and a checkpoint rebuilds itself from `{"arch", "num_classes", "width", "stem"}`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torchvision import models as tvm
 from torchvision.models.mobilenetv3 import InvertedResidualConfig, MobileNetV3, _mobilenet_v3_conf
 from torchvision.ops.misc import Conv2dNormActivation
 
-from edgekd.config import STUDENT_ARCHS, TEACHER_ARCHS
+from edgekd.config import STEMS, STUDENT_ARCHS, TEACHER_ARCHS
 from edgekd.errors import UserError
 
 # Parameter-name prefix of each teacher's classifier head: never taken from a local weights file,
@@ -24,33 +24,70 @@ _TEACHER_HEADS = {"resnet18": "fc.", "mobilenet_v2": "classifier.", "densenet121
 
 
 def build_model(arch: str, num_classes: int, width: float = 1.0,
-                weights: str | Path | None = None) -> nn.Module:
+                weights: str | Path | None = None, stem: str = "imagenet") -> nn.Module:
     """A freshly initialised network with a `num_classes` head.
 
-    `width` scales the students' channels (MobileNetV3 width multiplier); teachers have no such knob
-    and require 1.0. `weights` optionally loads a local teacher backbone (head excluded), for users
-    who have ImageNet weights on disk; nothing is ever downloaded.
+    `width` scales the MobileNets' channels (their width multiplier); resnet18 and densenet121 have
+    no such knob and require 1.0. `weights` optionally loads a local teacher backbone (head
+    excluded), for users who have ImageNet weights on disk; nothing is ever downloaded. `stem`
+    "small" replaces the ImageNet stem for small inputs (`small_input_stem`).
     """
-    if arch in TEACHER_ARCHS:
-        if width != 1.0:
-            raise ValueError(f"teacher {arch} has no width multiplier; got width={width}")
-        model = getattr(tvm, arch)(weights=None, num_classes=num_classes)
-        if weights is not None:
-            _load_backbone(model, arch, Path(weights))
-        return model
-    if weights is not None:
+    if arch in ("resnet18", "densenet121") and width != 1.0:
+        raise ValueError(f"{arch} has no width multiplier; got width={width}")
+    if weights is not None and arch not in TEACHER_ARCHS:
         raise ValueError("local weights are supported for teachers only")
-    if arch == "mobilenet_v3_small":
-        return tvm.mobilenet_v3_small(weights=None, num_classes=num_classes, width_mult=width)
-    if arch == "mobilenet_v3_small_relu":
-        # Hardswish -> ReLU only; squeeze-excite (with its Hardsigmoid gate) stays.
+    if arch in ("resnet18", "densenet121"):
+        model = getattr(tvm, arch)(weights=None, num_classes=num_classes)
+    elif arch == "mobilenet_v2":
+        model = tvm.mobilenet_v2(weights=None, num_classes=num_classes, width_mult=width)
+    elif arch == "mobilenet_v3_small":
         model = tvm.mobilenet_v3_small(weights=None, num_classes=num_classes, width_mult=width)
-        return _hardswish_to_relu(model)
-    if arch == "mobilenet_v3_small_minimal":
-        return _minimal_mobilenet_v3_small(num_classes, width)
-    if arch == "mobilenet_v3_small_fused":
-        return _fused_mobilenet_v3_small(num_classes, width)
-    raise UserError(f"unknown architecture {arch!r}; valid: {list(TEACHER_ARCHS + STUDENT_ARCHS)}")
+    elif arch == "mobilenet_v3_small_relu":
+        # Hardswish -> ReLU only; squeeze-excite (with its Hardsigmoid gate) stays.
+        model = _hardswish_to_relu(tvm.mobilenet_v3_small(weights=None, num_classes=num_classes, width_mult=width))
+    elif arch == "mobilenet_v3_small_minimal":
+        model = _minimal_mobilenet_v3_small(num_classes, width)
+    elif arch == "mobilenet_v3_small_fused":
+        model = _fused_mobilenet_v3_small(num_classes, width)
+    else:
+        raise UserError(f"unknown architecture {arch!r}; valid: {sorted(set(TEACHER_ARCHS + STUDENT_ARCHS))}")
+    if stem == "small":
+        small_input_stem(model, arch)
+    elif stem != "imagenet":
+        raise ValueError(f"unknown stem {stem!r}; valid: {list(STEMS)}")
+    if weights is not None:
+        _load_backbone(model, arch, Path(weights))
+    return model
+
+
+def model_from_spec(spec: dict) -> nn.Module:
+    """The untrained network a checkpoint's `model` entry describes (`checkpoints.model_payload`)."""
+    return build_model(spec["arch"], int(spec["num_classes"]), float(spec["width"]), stem=spec["stem"])
+
+
+def small_input_stem(model: nn.Module, arch: str) -> None:
+    """Drop the ImageNet stem's early downsampling, in place, for inputs such as CIFAR's 32 px.
+
+    torchvision's stems shrink the input 4x (resnet18, densenet121: stride-2 7x7 conv + max-pool) or
+    2x (the MobileNets' stride-2 3x3 conv) before the first block, so a 32 px image reaches the last
+    stage at 1x1. As in the CIFAR versions of these networks: resnet18 and densenet121 get a 3x3
+    stride-1 conv and no max-pool (32 px -> 4x4 at the end), the MobileNets a stride-1 first conv
+    (2x2 at the end), the fused student a 2x2 stride-2 patchify in place of its 4x4 stride-4 one
+    (2x2 at the end, as MobileNetV3-Small).
+    """
+    if arch == "resnet18":
+        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # as torchvision's
+        model.maxpool = nn.Identity()
+    elif arch == "densenet121":
+        conv0 = nn.Conv2d(3, model.features.conv0.out_channels, 3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(conv0.weight)  # as torchvision's
+        model.features.conv0, model.features.pool0 = conv0, nn.Identity()
+    elif arch == "mobilenet_v3_small_fused":
+        model.features[0] = Conv2dNormActivation(3, model.features[0][0].out_channels, 2, stride=2, padding=0,
+                                                 activation_layer=nn.ReLU)
+    else:  # the MobileNets: the first conv keeps its 3x3 kernel and weights, loses its stride
+        model.features[0][0].stride = (1, 1)
 
 
 def count_params(model: nn.Module) -> int:

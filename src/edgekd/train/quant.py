@@ -42,7 +42,7 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
 
 from edgekd.errors import UserError
 from edgekd.train.checkpoints import load_checkpoint
-from edgekd.train.models import build_model
+from edgekd.train.models import model_from_spec
 
 BACKEND = "x86"  # fbgemm-based kernels for the converted torch model
 
@@ -274,10 +274,8 @@ def load_qat_model(path: str | Path) -> tuple[torch.fx.GraphModule, dict]:
     """Fake-quant model from a `qat` checkpoint (weights_only load; the arch kwargs rebuild it)."""
     payload = load_checkpoint(path)
     try:
-        spec = payload["model"]
-        fp32 = build_model(spec["arch"], int(spec["num_classes"]), float(spec["width"]))
-        model = rebuild_qat(fp32, int(payload["image_size"]), payload["state_dict"], payload.get("weight_bits"),
-                            payload.get("activation_bits"))
+        model = rebuild_qat(model_from_spec(payload["model"]), int(payload["image_size"]), payload["state_dict"],
+                            payload.get("weight_bits"), payload.get("activation_bits"))
     except (KeyError, TypeError, RuntimeError) as err:
         raise UserError(f"{path}: not a QAT checkpoint of this project ({type(err).__name__}: {err})") from None
     return model, payload
