@@ -95,9 +95,10 @@ def changed_student_template(tiny_repo_template: Path, tmp_path_factory) -> Path
 
 @pytest.fixture
 def changed_student_repo(changed_student_template: Path, tmp_path: Path) -> Path:
-    """A private copy of `changed_student_template`."""
-    from tiny_pipeline import clone_tiny_repo
+    """A private copy of `changed_student_template`, its `dvc repro` output beside it (REPRO_LOG)."""
+    from tiny_pipeline import REPRO_LOG, clone_tiny_repo
 
+    shutil.copyfile(changed_student_template.parent / REPRO_LOG, tmp_path / REPRO_LOG)
     return clone_tiny_repo(changed_student_template, tmp_path / "repo")
 
 
