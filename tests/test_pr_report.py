@@ -199,7 +199,7 @@ def test_make_report_lists_width_change_and_student_deltas(changed_student_repo:
     sh("make", "report", "BASE=HEAD", cwd=repo)
     report = (repo / "reports/pr/report.md").read_text()
 
-    assert re.search(r"\| params\.yaml \| student\.width \| 0\.25 +\| 0\.5 +\|", report)
+    assert re.search(r"\| params\.yaml \| student\.width +\| 0\.25 +\| 0\.5 +\|", report)
     # A wider student has more parameters; the headline says so for every student stage.
     for stage in ("baseline", "distill"):
         assert re.search(rf"\| metrics/{stage}\.json \| params \| [\d.]+ K \| [\d.]+ K \| \+[\d.]+ K \(\+[\d.]+%\) \| worse \|",
