@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP_STAMP := .deps-installed
 
-.PHONY: deps demo-data repro test bench report clean
+.PHONY: deps demo-data repro test bench bench-cifar10 bench-cifar10-gpu report clean
 
 # The pinned requirements, then the edgekd package itself (editable: src/edgekd is what runs), once
 # per change of requirements.txt or pyproject.toml.
@@ -34,3 +34,11 @@ report: deps
 # The benchmark on the real rice sample (../shared/datasets/rice-image): reports/benchmark.{md,json}.
 bench: demo-data
 	$(PYTHON) -m tools.benchmark.run --config tools/benchmark/rice.yaml --out reports
+
+# The same generator on the shared CIFAR-10 training images: reports/cifar10/benchmark.{md,json}.
+bench-cifar10: demo-data
+	$(PYTHON) -m tools.benchmark.run --config tools/benchmark/cifar10.yaml --out reports/cifar10
+
+# Its full-length recipe, for a CUDA machine: reports/cifar10_gpu/benchmark.{md,json}.
+bench-cifar10-gpu: demo-data
+	$(PYTHON) -m tools.benchmark.run --config tools/benchmark/cifar10_gpu.yaml --out reports/cifar10_gpu

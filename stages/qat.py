@@ -60,7 +60,7 @@ def main() -> None:
     info = load_info(args.data)
     train, val = load_split(args.data, "train"), load_split(args.data, "val")
     student, payload = load_model(args.student)
-    targets = (load_soft_targets(args.soft_targets, train, p.seed, len(info.classes), p.kd.ensemble)
+    targets = (load_soft_targets(args.soft_targets, train, p.seed, p.train.augment, len(info.classes), p.kd.ensemble)
                if args.soft_targets else None)
     size = int(payload["image_size"])  # the student's own input side (student.image_size)
     val = (resize_batch(val[0], size), val[1])  # once, for fit and the evaluations after it

@@ -37,7 +37,8 @@ def main() -> None:
     info, (images, labels), val = load_info(args.data), load_split(args.data, "train"), load_split(args.data, "val")
     teachers = prepare_teachers([m.to(device) for m in load_teachers(args.teachers, params.teachers.archs, info)[0]])
 
-    targets = compute_soft_targets(teachers, images, labels, params.kd.views, params.seed, info.mean, info.std,
+    targets = compute_soft_targets(teachers, images, labels, params.kd.views, params.seed, params.train.augment,
+                                   info.mean, info.std,
                                    params.train.eval_batch_size, device)
     # The plain mean on val: confidence weights need the labels, which a deployed model never has.
     ensemble_val = evaluate(lambda x: ensemble_logits(teachers, x), *val, info.mean, info.std,

@@ -41,7 +41,8 @@ def main() -> None:
     seed_everything(cfg.seed)
     device = select_device(params.train.device, params.train.threads)
     info, train, val = load_info(args.data), load_split(args.data, "train"), load_split(args.data, "val")
-    targets = (load_soft_targets(args.soft_targets, train, params.seed, len(info.classes), params.kd.ensemble)
+    targets = (load_soft_targets(args.soft_targets, train, params.seed, params.train.augment,
+                                 len(info.classes), params.kd.ensemble)
                if args.mode == "distill" else None)
     kd_id = [] if targets is None else [params.kd.temperature, params.kd.alpha, targets["logits"]]
     model = build_model(cfg.arch, len(info.classes), cfg.width, stem=cfg.stem)

@@ -40,16 +40,16 @@ def main() -> None:
     info, train, val = load_info(args.data), load_split(args.data, "train"), load_split(args.data, "val")
     cfg = params.teachers
     weights = local_weights(args.init)
-    model = build_model(args.arch, len(info.classes), weights=weights, stem=cfg.stem)
+    model = build_model(args.arch, len(info.classes), weights=weights, stem=cfg.stems[args.arch])
     model.to(memory_format=torch.channels_last)  # oneDNN's faster layout: 7-20 % less time per step on CPU
     init = [] if weights is None else [model.state_dict()]  # the loaded backbone is part of the run
-    run_id = fingerprint(args.arch, cfg.stem, seed, as_dict(params.train), cfg.epochs, cfg.lr, *init, *train, *val)
+    run_id = fingerprint(args.arch, cfg.stems[args.arch], seed, as_dict(params.train), cfg.epochs, cfg.lr, *init, *train, *val)
     setup = setup_from_params(params, info, device, cfg.epochs, seed, args.live, run_id)
 
     result = train_model(model, ce_loss_fn(params.train.label_smoothing), cfg.lr,
                          params.train.weight_decay, train, val, setup)
 
-    save_checkpoint(args.out, model_payload(model, {"arch": args.arch, "width": 1.0, "stem": cfg.stem}, info,
+    save_checkpoint(args.out, model_payload(model, {"arch": args.arch, "width": 1.0, "stem": cfg.stems[args.arch]}, info,
                                             val_acc=result.best_val_acc))
     write_metrics(args.metrics, training_summary(result, model, time.perf_counter() - start))
     log.info("teacher %s: val_acc %.4f (epoch %d), %s", args.arch, result.best_val_acc,

@@ -49,6 +49,29 @@ def test_geometry_is_an_exact_square_symmetry(images, monkeypatch):
     assert len(seen) == 8
 
 
+def test_crop_flip_is_a_window_of_the_padded_image_mirrored_left_right_or_not(images):
+    """Every output is its input zero-padded by 4 px and cropped back to 32x32 at some offset,
+    mirrored left-right or not (never turned or flipped upside down), and a batch gets all 81
+    offsets x 2 mirrors often enough to see many of them."""
+    sources = images[:2].repeat(64, 1, 1, 1)
+    out = augment_batch(sources, torch.Generator().manual_seed(0), "crop_flip")
+    assert out.shape == sources.shape and out.dtype == torch.uint8
+    padded = torch.nn.functional.pad(sources, (4, 4, 4, 4))
+    seen = set()
+    for src, dst in zip(padded, out):
+        matches = [(dy, dx, m) for dy in range(9) for dx in range(9) for m in (False, True)
+                   if torch.equal(dst, (lambda w: w.flip(-1) if m else w)(src[:, dy:dy + 32, dx:dx + 32]))]
+        assert matches, "output is not a padded crop of its input"
+        seen.add(matches[0])
+    assert len(seen) > 60 and {m for *_, m in seen} == {False, True}
+    assert torch.equal(out, augment_batch(sources, torch.Generator().manual_seed(0), "crop_flip"))
+
+
+def test_unknown_augmentation_is_named():
+    with pytest.raises(ValueError, match="'mixup' is not one of"):
+        augment_batch(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.Generator(), "mixup")
+
+
 def test_input_not_modified(images):
     before = images.clone()
     augment_batch(images, torch.Generator().manual_seed(0))

@@ -21,7 +21,7 @@ from edgekd.train.checkpoints import load_teachers
 from tools.benchmark.comparison import missed_images
 from tools.benchmark.experiments import overrides_to_args, parse_stage_log
 from tools.benchmark.report import MAIN_COLUMNS, VARIANT_COLUMNS, markdown_table
-from tools.benchmark.run import load_config
+from tools.benchmark.run import load_config, write_report
 from tools.machine import SIMD_FLAGS
 
 DEFAULT_ARCH = StudentConfig().arch
@@ -53,12 +53,40 @@ def test_table_has_one_cell_per_column():
     assert len(table) == 3 and table[2].count("|") == len(MAIN_COLUMNS) + 1
 
 
-def test_config_names_a_missing_goal_in_one_line(tmp_path: Path):
+@pytest.mark.parametrize("config", sorted((REPO / "tools/benchmark").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_configs_load(config: Path):
+    cfg, raw = load_config(config), yaml.safe_load(config.read_text())
+    base = load_config(config.parent / raw["base"]) if "base" in raw else {}
+    assert cfg == {**base, **{k: cfg[k] for k in raw if k != "base"}} and "base" not in cfg
+    for key, value in raw.items():  # its own values win; mappings keep the base's other keys
+        if key != "base" and not isinstance(value, dict):
+            assert cfg[key] == value
+
+
+def test_config_extends_its_base_key_by_key(tmp_path: Path):
     cfg = yaml.safe_load(RICE_CONFIG.read_text())
-    assert load_config(RICE_CONFIG) == cfg
-    del cfg["goals"]["int8_max_drop"]
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "top.yaml").write_text(yaml.safe_dump({
+        "base": "base.yaml", "overrides": {"student": {"epochs": 3}}, "student_seeds": [7],
+        "goals": {"bench_max_minutes": 5}}))
+    top = load_config(tmp_path / "top.yaml")
+    assert top["overrides"] == {**cfg["overrides"], "student": {"epochs": 3}}
+    assert top["student_seeds"] == [7] and top["seed_models"] == cfg["seed_models"]
+    assert top["goals"] == {**cfg["goals"], "bench_max_minutes": 5}
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda cfg: cfg["goals"].update(int8_max_dorp=0.1), r"unknown goals\.int8_max_dorp \(known: "),
+    (lambda cfg: cfg["goals"].pop("mixed_max_drop"), r"missing goals\.mixed_max_drop \(set with"),
+    (lambda cfg: cfg.pop("title"), r"missing title$"),
+    (lambda cfg: cfg["seed_models"].pop("int8"), r"missing seed_models\.int8$"),
+    (lambda cfg: cfg["published"].pop("source"), r"missing published\.source$"),
+])
+def test_config_names_what_is_wrong_in_one_line(tmp_path: Path, change, message):
+    cfg = yaml.safe_load(RICE_CONFIG.read_text())
+    change(cfg)
     (tmp_path / "bench.yaml").write_text(yaml.safe_dump(cfg))
-    with pytest.raises(UserError, match=r"bench.yaml: missing goals.int8_max_drop$"):
+    with pytest.raises(UserError, match=r"bench.yaml: " + message):
         load_config(tmp_path / "bench.yaml")
 
 
@@ -71,6 +99,10 @@ def test_missed_images_lists_each_wrong_image_once_with_every_answer():
     assert misses["rows"][0] == {"image": "b.jpg", "class": "y", "predicted": {"p": "z", "q": "z"}}
     assert misses["rows"][2]["predicted"] == {"p": "x", "q": "y"}
     assert misses["missed_by_all"] == 1  # b.jpg
+    listed = missed_images(["a.jpg", "b.jpg", "c.jpg", "d.jpg"], labels, ["x", "y", "z"],
+                           {"p": np.array([0, 2, 2, 0]), "q": np.array([0, 2, 1, 1])}, max_rows=2)
+    assert [r["image"] for r in listed["rows"]] == ["b.jpg", "c.jpg"]
+    assert listed["missed_by_any"] == 3 and listed["missed_by_all"] == 1
 
 
 def table_after(markdown: str, heading: str) -> list[list[str]]:
@@ -124,7 +156,9 @@ def expected_accuracies(repo: Path, seed_cfg: dict, misses: dict) -> list[float]
 
 def test_benchmark_on_tiny_run_writes_report_and_restores_main_run(tiny_repo: Path):
     require(SEED_MODELS, "reference/seed-models/rice-image/")
+    rice = yaml.safe_load(RICE_CONFIG.read_text())
     config = {
+        "title": rice["title"],
         "overrides": {"student": {"epochs": 1}},
         "student_seeds": [42, 1],
         "compare_ensembles": ["confidence"],
@@ -132,7 +166,8 @@ def test_benchmark_on_tiny_run_writes_report_and_restores_main_run(tiny_repo: Pa
         "seed_models": {"fp32": str(SEED_MODELS / "student_fp32_qat.onnx"),
                         "int8": str(SEED_MODELS / "student_int8_static.onnx"),
                         "image_size": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
-        "goals": yaml.safe_load(RICE_CONFIG.read_text())["goals"],
+        "goals": rice["goals"],
+        "published": rice["published"],
     }
     (tiny_repo / "bench.yaml").write_text(yaml.safe_dump(config))
 
@@ -207,6 +242,7 @@ def test_benchmark_on_tiny_run_writes_report_and_restores_main_run(tiny_repo: Pa
     recipe_table = table_after(markdown, "## Recipes over 2 student seeds")
     assert [r[0] for r in recipe_table] == [r["model"] for r in results["recipes"]]
     assert recipe_table[4][1] == f"{100 * recipes['int8']['mean']:.2f} % ± {100 * recipes['int8']['std']:.2f}"
+    assert recipe_table[4][-2:] == ["98.07 %", "0.310 MB"] and recipe_table[0][-2:] == ["–", "–"]  # published
     assert len(table_after(markdown, "## Teacher ensemble: mean vs confidence")) == 2
     assert (tiny_repo / "reports/benchmark_tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     log = (tiny_repo / "reports/benchmark.log").read_text()  # every experiment's console output
@@ -219,3 +255,26 @@ def test_benchmark_on_tiny_run_writes_report_and_restores_main_run(tiny_repo: Pa
     evaluation = json.loads((tiny_repo / "metrics/evaluate.json").read_text())
     assert {row["latency_runs"] for row in evaluation.values() if isinstance(row, dict) and "latency_runs" in row} == {10}
     assert evaluation["int8"]["size_bytes"] == results["variants"][0]["int8_size_bytes"]
+
+    # The same results under CIFAR-10's config, which has no seed models: no seed rows or ratios,
+    # its own goals on the recipes' means, the published figures of its table.
+    cifar = load_config(REPO / "tools/benchmark/cifar10.yaml")
+    no_seed = {**results, "title": cifar["title"], "published": cifar["published"],
+               "main": [{k: v for k, v in row.items() if k != "p50_vs_seed_int8"}
+                        for row in results["main"] if not row["model"].startswith("seed")]}
+    write_report(no_seed, tiny_repo / "reports/cifar10", cifar["goals"])
+    markdown = (tiny_repo / "reports/cifar10/benchmark.md").read_text()
+    assert markdown.startswith(f"# {cifar['title']}") and "p50 / seed INT8" not in markdown
+    assert len(table_after(markdown, "## Main table")) == 12
+    goals = {g["goal"]: g for g in no_seed["goals"]}
+    assert not any("seed" in name for name in goals) and not any("incremental" in name for name in goals)
+    gain = next(g for name, g in goals.items() if name.startswith("distilled FP32 student >= the baseline"))
+    assert "+ 1.0 point (mean of 2 student seeds)" in [n for n, g in goals.items() if g is gain][0]
+    kd = recipes["fp32"]["mean"] - recipes["baseline"]["mean"]
+    assert gain["measured"].endswith(f"({100 * kd:+.2f} points)") and gain["met"] == (kd >= 0.01 - 1e-9)
+    int8 = next(g for name, g in goals.items() if name.startswith("INT8 >= 90.00 %"))
+    assert int8["measured"] == f"{100 * recipes['int8']['mean']:.2f} %"
+    assert next(name for name in goals if name.startswith("INT8 file <=")) == "INT8 file <= 1.000 MB"
+    recipe_table = table_after(markdown, "## Recipes over 2 student seeds")
+    assert recipe_table[1][-2:] == ["96.34 %", "9.200 MB"] and recipe_table[2][-2:] == ["–", "–"]  # fp32, ptq
+    assert "Its teachers: DenseNet-190-40 97.03 %, WRN-28-10 97.24 %, WRN-28-4 96.66 %." in markdown

@@ -60,6 +60,7 @@ def test_a_value_in_the_file_replaces_the_dataclass_default(tmp_path):
         ("teachers.archs", ["resnet18", "vgg16"], "one of"),
         ("data.image_size", 16, ">= 32"),
         ("train.device", "tpu", "one of"),
+        ("train.augment", "rotate", "one of"),
         ("student.width", "wide", "a finite number"),
         ("student.epochs", 2.5, "an integer"),
         ("data.val_fraction", 1.2, "0 < x < 1"),
@@ -77,6 +78,20 @@ def test_bad_values_fail_with_one_line_naming_param(key, value, allowed):
     shown = value[-1] if isinstance(value, list) else value  # a list names its bad item
     assert repr(shown) in message
     assert allowed in message
+
+
+def test_teacher_stems_are_checked_per_teacher():
+    raw = with_override("teachers.stems", {"resnet18": "imagenet", "mobilenet_v2": "small", "densenet121": "imagenet"})
+    assert params_from_dict(raw).teachers.stems["mobilenet_v2"] == "small"
+    raw["teachers"]["stems"]["mobilenet_v2"] = "tiny"
+    with pytest.raises(ParamError, match=r"^params: teachers.stems.mobilenet_v2='tiny' is invalid; allowed: one of"):
+        params_from_dict(raw)
+    del raw["teachers"]["stems"]["mobilenet_v2"]  # a teacher without a stem
+    with pytest.raises(ParamError, match=r"^params: teachers.stems.mobilenet_v2=None is invalid"):
+        params_from_dict(raw)
+    raw["teachers"]["stems"].update(mobilenet_v2="small", vgg16="small")
+    with pytest.raises(ParamError, match=r"^params: teachers.stems='vgg16' is invalid; allowed: keys among"):
+        params_from_dict(raw)
 
 
 def test_student_image_size_defaults_to_the_data_size():

@@ -16,7 +16,7 @@ from PIL import Image
 from edgekd.config import DataConfig
 from edgekd.data import prepare as prepare_mod
 from edgekd.data.decode import decode_all
-from edgekd.data.dedup import group_duplicates
+from edgekd.data.dedup import group_duplicates, near_duplicate_pairs
 from edgekd.data.images import load_rgb
 from edgekd.data.prepare import prepare_dataset
 from edgekd.data.prepared import SPLITS, channel_stats, load_info, load_split
@@ -199,6 +199,42 @@ def test_flipped_and_rotated_copies_are_grouped(small_rice_tree, tmp_path):
     assert stats["groups_with_copies"] == 6 and stats["images_in_groups"] == 12
     _, strict = group_duplicates(dec.exact, dec.phash, 0)
     assert strict["near_pairs"] >= 3  # lossless flips/rotations have the very same dihedral pHash
+
+
+def exhaustive_near_pairs(phash: np.ndarray, max_bits: int) -> set[tuple[int, int]]:
+    """The definition, checked pair by pair: min over i's 8 transforms of the distance to j's hash."""
+    pairs = set()
+    for start in range(0, len(phash), 64):
+        rows = phash[start : start + 64, :, None, :] ^ phash[None, None, :, 0, :]  # (64, 8, N, 4)
+        dist = np.bitwise_count(rows).sum(3).min(1)  # (64, N)
+        pairs |= {(start + int(i), int(j)) for i, j in zip(*np.nonzero(dist <= max_bits)) if start + i < j}
+    return pairs
+
+
+def test_near_duplicate_search_matches_the_exhaustive_one_on_planted_pairs():
+    rng = np.random.default_rng(0)
+    phash = rng.integers(0, 2**63, size=(400, 8, 4), dtype=np.int64).astype(np.uint64)
+    for k in range(0, 200, 2):  # image k+1: a copy of a transform of image k with d flipped bits
+        bits = np.unpackbits(phash[k, k % 8].astype(">u8").view(np.uint8))
+        bits[rng.choice(256, size=k % 9, replace=False)] ^= 1
+        phash[k + 1, 0] = np.packbits(bits).view(">u8").astype(np.uint64)
+    for max_bits in (0, 2, 4, 8):
+        found = near_duplicate_pairs(phash, max_bits)
+        assert len(found) == len(set(found))
+        assert set(found) == exhaustive_near_pairs(phash, max_bits)
+        assert len(found) == sum(1 for k in range(0, 200, 2) if k % 9 <= max_bits)
+
+
+def test_near_duplicate_search_matches_the_exhaustive_one_on_the_rice_sample(rice_sample_dir):
+    """The real hashes (5,020 images): distinct grains >= 6 bits apart, so pairs appear only above
+    the default 4 bits; both searches must agree at every threshold."""
+    dec = decode_all(scan_tree(rice_sample_dir).files, 8, CFG.max_image_pixels)
+    counts = []
+    for max_bits in (CFG.near_duplicate_bits, 8):
+        found = near_duplicate_pairs(dec.phash, max_bits)
+        assert set(found) == exhaustive_near_pairs(dec.phash, max_bits)
+        counts.append(len(found))
+    assert counts[-1] > counts[0]  # the larger thresholds really find pairs to compare
 
 
 # ----------------------------------------------------------------------------- layouts

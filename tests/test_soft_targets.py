@@ -36,24 +36,24 @@ def sample(prepared_small):
     info = load_info(prepared_small)
     images, labels = load_split(prepared_small, "train")
     targets = compute_soft_targets([_MeanColour(len(info.classes))], images, labels, views=3, seed=7,
-                                   mean=info.mean, std=info.std, batch_size=64, device=torch.device("cpu"))
+                                   augment="dihedral", mean=info.mean, std=info.std, batch_size=64, device=torch.device("cpu"))
     return info, images, labels, targets
 
 
 def test_views_render_identically_and_differ_from_each_other(sample):
     _, images, _, _ = sample
-    first = render_view(images, seed=7, view=1)
+    first = render_view(images, seed=7, view=1, augment="dihedral")
     assert first.shape == images.shape and first.dtype == torch.uint8
-    assert torch.equal(first, render_view(images, seed=7, view=1))
-    assert not torch.equal(first, render_view(images, seed=7, view=2))
-    assert not torch.equal(first, render_view(images, seed=8, view=1))
+    assert torch.equal(first, render_view(images, seed=7, view=1, augment="dihedral"))
+    assert not torch.equal(first, render_view(images, seed=7, view=2, augment="dihedral"))
+    assert not torch.equal(first, render_view(images, seed=8, view=1, augment="dihedral"))
 
 
 def test_targets_are_the_teachers_logits_of_each_view(sample):
     info, images, _, targets = sample
     assert targets["teacher_logits"].shape == (3, len(images), 1, len(info.classes))
     teacher = _MeanColour(len(info.classes)).eval()
-    pixels = render_view(images, seed=7, view=2)
+    pixels = render_view(images, seed=7, view=2, augment="dihedral")
     assert targets["view_hashes"][2] == pixel_hash(pixels)
     x = (pixels.float() / 255 - torch.tensor(info.mean).view(1, 3, 1, 1)) / torch.tensor(info.std).view(1, 3, 1, 1)
     with torch.no_grad():
@@ -69,7 +69,7 @@ def test_mean_ensemble_of_one_teacher_is_its_logits_and_counts_its_hits(sample):
     hits = []
     with torch.no_grad():
         for view in range(3):
-            x = (render_view(images, seed=7, view=view).float() / 255 - mean) / std
+            x = (render_view(images, seed=7, view=view, augment="dihedral").float() / 255 - mean) / std
             hits.append((teacher(x).argmax(1) == labels).tolist())
     assert len({sum(h) for h in hits}) > 1  # the views differ in how often the teacher is right
     assert (logits.argmax(-1) == labels).float().mean().item() == pytest.approx(
@@ -81,8 +81,8 @@ def test_confidence_ensemble_weighs_each_teacher_per_sample_on_every_view(sample
     good, bad = _MeanColour(len(info.classes)), _MeanColour(len(info.classes))
     with torch.no_grad():
         bad.head.weight.mul_(-1)  # a second teacher that disagrees with the first
-    stored = compute_soft_targets([good, bad], images, labels, views=2, seed=7, mean=info.mean, std=info.std,
-                                  batch_size=64, device=torch.device("cpu"))["teacher_logits"]  # (V, N, K, C)
+    stored = compute_soft_targets([good, bad], images, labels, views=2, seed=7, augment="dihedral",
+                                  mean=info.mean, std=info.std, batch_size=64, device=torch.device("cpu"))["teacher_logits"]  # (V, N, K, C)
     confident, confidence_mean = combine_teachers(stored, labels, "confidence")
     plain, plain_mean = combine_teachers(stored, labels, "mean")
     assert confident.shape == plain.shape == (2, len(images), len(info.classes))
@@ -113,12 +113,14 @@ def test_mismatches_fail_loudly(sample, tmp_path):
     info, images, labels, targets = sample
     path = tmp_path / "soft.pt"
     save_soft_targets(path, targets)
-    loaded = load_soft_targets(path, (images, labels), 7, len(info.classes), "mean")
+    loaded = load_soft_targets(path, (images, labels), 7, "dihedral", len(info.classes), "mean")
     assert torch.equal(loaded["logits"], targets["teacher_logits"][:, :, 0])
     with pytest.raises(UserError, match="soft.pt: soft targets were computed for other"):
-        load_soft_targets(path, (images[:-1], labels[:-1]), 7, len(info.classes), "mean")
+        load_soft_targets(path, (images[:-1], labels[:-1]), 7, "dihedral", len(info.classes), "mean")
     with pytest.raises(UserError, match="rerun the soft_targets stage"):
-        load_soft_targets(path, (images, labels), 8, len(info.classes), "mean")
+        load_soft_targets(path, (images, labels), 8, "dihedral", len(info.classes), "mean")
+    with pytest.raises(UserError, match="train.augment"):  # views rendered by another augmentation
+        load_soft_targets(path, (images, labels), 7, "crop_flip", len(info.classes), "mean")
     setup = FitSetup(epochs=1, batch_size=16, eval_batch_size=64, seed=7, mean=info.mean, std=info.std)
     altered = images.clone()
     altered[0] = 255 - altered[0]  # one image changed: the re-rendered view no longer matches its targets

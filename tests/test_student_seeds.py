@@ -96,7 +96,7 @@ def test_one_seed_distils_from_stored_soft_targets_with_the_given_alpha(prepared
     raw = with_overrides(REPO / "params.yaml", None, Path("unused"))
     raw["student"] = {**raw["student"], "epochs": 2}
     targets = tmp_path / "soft_targets.pt"
-    save_soft_targets(targets, compute_soft_targets([teacher], images, labels, views=2, seed=raw["seed"],
+    save_soft_targets(targets, compute_soft_targets([teacher], images, labels, views=2, seed=raw["seed"], augment="dihedral",
                                                     mean=info.mean, std=info.std, batch_size=64,
                                                     device=torch.device("cpu")))
 

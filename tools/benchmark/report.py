@@ -72,12 +72,14 @@ def misses_section(results: dict) -> list[str]:
     rows = [{"image": f"`{r['image']}`", "class": r["class"],
              **{n: "✓" if r["predicted"][n] == r["class"] else r["predicted"][n] for n in names}}
             for r in misses["rows"]]
+    missed = misses.get("missed_by_any", len(rows))
+    listed = f" The first {len(rows)} in test order:" if len(rows) < missed else ""
     return [
         "## Test images missed",
         "",
-        f"{len(rows)} of the {results['test_images']} test images are missed by at least one of these "
+        f"{missed} of the {results['test_images']} test images are missed by at least one of these "
         f"models, {misses['missed_by_all']} by all of them. A cell is the class the model predicted "
-        "(✓: the true class).",
+        f"(✓: the true class).{listed}",
         "",
         markdown_table(rows, [("image", "image"), ("class", "true class"), *[(n, n) for n in names]]),
         "",
@@ -118,7 +120,15 @@ def recipes_section(results: dict) -> list[str]:
     recipes = results.get("recipes")
     if not recipes:  # reports written before recipes were run over seeds
         return []
-    rows = [{**r, "accuracy": mean_std(r), "per_seed": per_seed(r)} for r in recipes]
+    published = results.get("published") or {}
+    by_key = published.get("recipes", {})
+    rows = [{**r, "accuracy": mean_std(r), "per_seed": per_seed(r),
+             "published_accuracy": by_key.get(r["key"], {}).get("accuracy"),
+             "published_size_bytes": by_key.get(r["key"], {}).get("size_bytes")} for r in recipes]
+    columns = [("model", "recipe"), ("accuracy", "test acc, mean ± std"), ("per_seed", "per seed"),
+               ("size_bytes", "file size")]
+    if by_key:
+        columns += [("published_accuracy", "seed, published acc"), ("published_size_bytes", "seed, published size")]
     n = len(recipes[0]["seeds"])
     return [
         f"## Recipes over {n} student seeds (test split)",
@@ -126,11 +136,19 @@ def recipes_section(results: dict) -> list[str]:
         f"as mean ± sample std over the {n} seeds (in points), then each seed's figure. Sizes are the files "
         "of the main run. The physical floor of 4-bit weights is 0.5 byte per parameter; 16-bit activations "
         "save no byte (their convs run in float in onnxruntime).",
+        *published_lines(published),
         "",
-        markdown_table(rows, [("model", "recipe"), ("accuracy", "test acc, mean ± std"),
-                              ("per_seed", "per seed"), ("size_bytes", "file size")]),
+        markdown_table(rows, columns),
         "",
     ]
+
+
+def published_lines(published: dict) -> list[str]:
+    """Where the seed framework's published figures beside ours come from, and its teachers'."""
+    if not published:
+        return []
+    teachers = ", ".join(f"{name} {fmt.percent(acc)}" for name, acc in published.get("teachers", {}).items())
+    return ["", f"Seed, published: {published['source']}" + (f" Its teachers: {teachers}." if teachers else "")]
 
 
 def ensembles_section(results: dict) -> list[str]:
@@ -152,8 +170,9 @@ def ensembles_section(results: dict) -> list[str]:
 
 def render_markdown(results: dict) -> str:
     machine = results["machine"]
+    timed = [(key, title) for key, title in MAIN_COLUMNS if any(key in row for row in results["main"])]
     parts = [
-        "# Benchmark: distilled, quantized rice classifier vs the seed models",
+        f"# {results.get('title', 'Benchmark: distilled, quantized rice classifier vs the seed models')}",
         "",
         f"Command: `{results['command']}`  ",
         *([f"Commit: {results['commit']}  "] if "commit" in results else []),
@@ -171,7 +190,7 @@ def render_markdown(results: dict) -> str:
         "Latency: batch 1, 1 thread, median (p50) and p90 over repeated runs after warm-up; "
         "throughput at batch 32. Teachers and their ensemble are PyTorch models (accuracy only).",
         "",
-        markdown_table(results["main"], MAIN_COLUMNS),
+        markdown_table(results["main"], timed),
         "",
         *[f"- {note}" for note in results.get("notes", [])],
         "",

@@ -31,6 +31,8 @@ from edgekd.errors import UserError
 from edgekd.runtime import run_stage
 from tools.benchmark import comparison
 from tools.benchmark.comparison import GOALS
+
+SEED_MODEL_KEYS = ("fp32", "int8", "image_size", "mean", "std")
 from tools.benchmark.experiments import ExperimentRun, overrides_to_args, run_experiment
 from tools.benchmark.report import plot_tradeoff, render_markdown
 from tools.machine import code_commit, machine_info
@@ -55,7 +57,8 @@ def main() -> None:
     start = time.perf_counter()
     repo = Path.cwd()
     commit = code_commit(repo)  # before the runs rewrite params.yaml, metrics and the lock
-    command = f"make bench  (python -m tools.benchmark.run --config {args.config} --out {args.out})"
+    command = (f"make {cfg.get('make_target', 'bench')}  "
+               f"(python -m tools.benchmark.run --config {args.config} --out {args.out})")
 
     shutil.rmtree(repo / ".dvc" / "cache" / "runs", ignore_errors=True)
     seeds = cfg.get("student_seeds") or [load_params().student.seed]
@@ -94,9 +97,11 @@ def main() -> None:
         raise RuntimeError("dvc exp apply did not restore the main run's metrics")
 
     params = load_params()
-    main_rows, test_images, misses = comparison.main_rows(params, repo, main_eval, cfg["seed_models"])
+    main_rows, test_images, misses = comparison.main_rows(params, repo, main_eval, cfg.get("seed_models"),
+                                                          cfg.get("max_missed_rows"))
     pipeline = comparison.pipeline_summary(full, incremental)
     results = {
+        "title": cfg["title"],
         "command": command,
         "commit": commit,
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -112,7 +117,8 @@ def main() -> None:
         "variants": variants,
         "pipeline": pipeline,
         "int8_export": read_json(repo / "metrics" / "export.json")["student_int8"],
-        "notes": comparison.NOTES,
+        "published": cfg.get("published"),
+        "notes": comparison.notes(cfg.get("seed_models")) + cfg.get("notes", []),
         "bench_wall_s": round(time.perf_counter() - start),
     }
     write_report(results, out, cfg["goals"])
@@ -126,16 +132,35 @@ def distill_val_accuracy(repo: Path) -> float:
 
 
 def load_config(path: Path) -> dict:
-    """The benchmark config; a missing section or goal is named in one line before anything runs."""
+    """The benchmark config; a missing section, an unknown goal or an incomplete seed-model entry is
+    named in one line before anything runs."""
     try:
         cfg = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as err:
         raise UserError(f"{path}: cannot read the benchmark config ({err})") from None
-    missing = [key for key in ("overrides", "seed_models", "goals") if key not in (cfg or {})]
-    missing += [f"goals.{key}" for key in GOALS if not missing and key not in (cfg["goals"] or {})]
-    if missing:
-        raise UserError(f"{path}: missing {', '.join(missing)}")
+    if isinstance(cfg, dict) and "base" in cfg:  # another config, with this one's keys on top
+        cfg = merged(load_config(path.parent / cfg.pop("base")), cfg)
+    problems = [f"missing {key}" for key in ("title", "overrides", "goals") if key not in (cfg or {})]
+    if not problems:
+        problems += [f"unknown goals.{key} (known: {', '.join(GOALS)})" for key in cfg["goals"] or {}
+                     if key not in GOALS]
+        if "mixed_max_size_vs_int8" in cfg["goals"] and "mixed_max_drop" not in cfg["goals"]:
+            problems.append("missing goals.mixed_max_drop (set with goals.mixed_max_size_vs_int8)")
+        problems += [f"missing seed_models.{key}" for key in SEED_MODEL_KEYS if "seed_models" in cfg
+                     and key not in (cfg["seed_models"] or {})]
+        problems += [f"missing published.{key}" for key in ("source", "recipes") if "published" in cfg
+                     and key not in (cfg["published"] or {})]
+    if problems:
+        raise UserError(f"{path}: {'; '.join(problems)}")
     return cfg
+
+
+def merged(base: dict, top: dict) -> dict:
+    """`top` over `base`: mappings merged key by key, any other value replaced."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
 
 
 def write_report(results: dict, out: Path, targets: dict) -> None:

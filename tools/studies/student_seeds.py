@@ -71,7 +71,8 @@ def run_seed(raw: dict, seed: int, data: Path, device: torch.device, soft_target
     setup = setup_from_params(params, info, device, cfg.epochs, seed, None, "", input_size=cfg.image_size)
     # the views were rendered with the params' seed, not the student's
     targets = None if soft_targets is None else load_soft_targets(soft_targets, train, params.seed,
-                                                                   len(info.classes), params.kd.ensemble)
+                                                                   params.train.augment, len(info.classes),
+                                                                   params.kd.ensemble)
     loss_fn, batches = student_objective(params, train, setup, targets)
     start = time.perf_counter()
     result = train_model(model, loss_fn, cfg.lr, params.train.weight_decay, train, val, setup, batches=batches)

@@ -27,19 +27,36 @@ class _UnionFind:
             self.parent[max(a, b)] = min(a, b)
 
 
-def near_duplicate_pairs(phash: np.ndarray, max_bits: int, block: int = 32) -> list[tuple[int, int]]:
-    """Pairs (i < j) whose pHash distance, minimised over the 8 transforms of i, is <= max_bits."""
+def near_duplicate_pairs(phash: np.ndarray, max_bits: int) -> list[tuple[int, int]]:
+    """Pairs (i < j) whose pHash distance, minimised over the 8 transforms of i, is <= max_bits.
+
+    Multi-index hashing, so that the cost grows with the number of images, not with its square:
+    the 256 bits are cut into max_bits + 1 chunks, and a pair within max_bits differs in at most
+    max_bits of them, so it agrees exactly on at least one (pigeonhole). Candidates are the pairs
+    that share a chunk, found by sorting the chunk values; each is then verified on all 256 bits.
+    The result is exactly the exhaustive all-pairs search's (tests/test_data.py compares the two).
+    """
     n = len(phash)
-    pairs: list[tuple[int, int]] = []
-    for start in range(0, n, block):
-        rows = phash[start : start + block]  # (B, 8, 4)
-        xor = rows[:, :, None, :] ^ phash[None, None, :, 0, :]  # (B, 8, N, 4)
-        dist = np.bitwise_count(xor).sum(axis=3, dtype=np.int64).min(axis=1)  # (B, N)
-        for bi, j in zip(*np.nonzero(dist <= max_bits)):
-            i = start + int(bi)
-            if i < j:
-                pairs.append((i, int(j)))
-    return pairs
+    if n < 2:
+        return []
+    bits = np.unpackbits(phash.astype(">u8").view(np.uint8).reshape(n, 8, 32), axis=2)  # (N, 8, 256)
+    candidates = []
+    for chunk in np.array_split(np.arange(bits.shape[2]), max_bits + 1):
+        packed = np.packbits(bits[:, :, chunk], axis=2)  # (N, 8, ceil(len/8)) uint8
+        keys = np.unique(packed.reshape(n * 8, -1), axis=0, return_inverse=True)[1].reshape(n, 8)
+        order = np.argsort(keys[:, 0], kind="stable")  # images by their untransformed chunk value
+        lo = np.searchsorted(keys[order, 0], keys, "left").ravel()  # (N * 8,)
+        hi = np.searchsorted(keys[order, 0], keys, "right").ravel()
+        counts = hi - lo
+        i = np.repeat(np.arange(n * 8) // 8, counts)
+        j = order[np.repeat(lo - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())]
+        keep = i < j
+        candidates.append(i[keep] * n + j[keep])
+    pairs = np.unique(np.concatenate(candidates))
+    i, j = pairs // n, pairs % n
+    dist = np.bitwise_count(phash[i] ^ phash[j, None, 0]).sum(axis=2, dtype=np.int64).min(axis=1)
+    near = dist <= max_bits
+    return list(zip(i[near].tolist(), j[near].tolist()))
 
 
 def group_duplicates(exact: list[bytes], phash: np.ndarray, max_bits: int) -> tuple[np.ndarray, dict]:

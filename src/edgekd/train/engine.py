@@ -59,6 +59,7 @@ class FitSetup:
     fingerprint: str = ""  # identity of params + data; a resume file with another one is stale
     bn_recalibration: bool = True  # re-estimate BN statistics before each validation (see below)
     input_size: int | None = None  # model input side; images are augmented at cache size, then resized
+    augment: str = "dihedral"  # train.augment
     # True: keep the best-val epoch. False: keep the last one, for QAT, whose BN/observer freeze
     # schedule must reach the weights that are exported (an earlier best-val epoch predates it).
     select_best: bool = True
@@ -109,7 +110,7 @@ def iterate_batches(images: Tensor, labels: Tensor, setup: FitSetup, generator: 
         idx = order[step * batch:(step + 1) * batch]
         x = images[idx].to(setup.device)  # uint8 crosses to the GPU: 4x less to copy, augmented there
         if augment:
-            x = augment_batch(x, generator)
+            x = augment_batch(x, generator, setup.augment)
         x = resize_batch(x, setup.input_size)
         soft = None if teacher_logits is None else teacher_logits[idx].to(setup.device)
         yield Batch(normalize(x, setup.mean, setup.std), labels[idx].to(setup.device), soft)
@@ -397,7 +398,7 @@ def setup_from_params(params: Any, info: Any, device: torch.device, epochs: int,
         patience=params.train.patience if select_best else 0,
         live_dir=live_dir, resume_path=None if live_dir is None else resume_file(live_dir),
         fingerprint=fingerprint_, bn_recalibration=bn_recalibration, input_size=input_size,
-        select_best=select_best,
+        select_best=select_best, augment=params.train.augment,
     )
 
 

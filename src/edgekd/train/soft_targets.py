@@ -34,10 +34,10 @@ from edgekd.train.losses import ce_loss_fn, confidence_ensemble, confidence_weig
 RENDER_CHUNK = 256  # images augmented per generator call; part of a view's definition
 
 
-def render_view(images: Tensor, seed: int, view: int) -> Tensor:
+def render_view(images: Tensor, seed: int, view: int, augment: str) -> Tensor:
     """Augmented copy number `view` of uint8 images (N, 3, H, W); the same pixels on every call."""
     generator = torch.Generator().manual_seed(seed * 7_919 + view)  # apart from fit's epoch seeds
-    return torch.cat([augment_batch(images[start:start + RENDER_CHUNK], generator)
+    return torch.cat([augment_batch(images[start:start + RENDER_CHUNK], generator, augment)
                       for start in range(0, len(images), RENDER_CHUNK)])
 
 
@@ -46,8 +46,8 @@ def pixel_hash(images: Tensor) -> str:
 
 
 def compute_soft_targets(teachers: Sequence[nn.Module], images: Tensor, labels: Tensor, views: int,
-                         seed: int, mean: Sequence[float], std: Sequence[float], batch_size: int,
-                         device: torch.device) -> dict:
+                         seed: int, augment: str, mean: Sequence[float], std: Sequence[float],
+                         batch_size: int, device: torch.device) -> dict:
     """Every teacher's logits (V, N, K, C) on every view and the views' pixel hashes.
 
     Each teacher's logits are kept, not their combination, so that how they are combined
@@ -55,10 +55,11 @@ def compute_soft_targets(teachers: Sequence[nn.Module], images: Tensor, labels: 
     """
     logits, hashes = [], []
     for view in tqdm(range(views), desc="soft targets", leave=False, disable=not sys.stderr.isatty()):
-        pixels = render_view(images, seed, view)
+        pixels = render_view(images, seed, view, augment)
         hashes.append(pixel_hash(pixels))
         logits.append(predict_logits(lambda x: teacher_logits(teachers, x), pixels, mean, std, batch_size, device))
-    return {"teacher_logits": torch.stack(logits), "view_hashes": hashes, "seed": seed, "num_images": len(images)}
+    return {"teacher_logits": torch.stack(logits), "view_hashes": hashes, "seed": seed, "augment": augment,
+            "num_images": len(images)}
 
 
 def combine_teachers(teacher_logits: Tensor, labels: Tensor, ensemble: str) -> tuple[Tensor, Tensor]:
@@ -77,16 +78,18 @@ def save_soft_targets(path: str | Path, targets: dict) -> None:
     save_checkpoint(path, targets)
 
 
-def load_soft_targets(path: str | Path, train: tuple[Tensor, Tensor], seed: int, num_classes: int,
-                      ensemble: str) -> dict:
-    """The stored teacher logits, checked against the training images and seed they must belong to,
-    combined under `ensemble` into `logits` (V, N, C)."""
+def load_soft_targets(path: str | Path, train: tuple[Tensor, Tensor], seed: int, augment: str,
+                      num_classes: int, ensemble: str) -> dict:
+    """The stored teacher logits, checked against the training images, seed and augmentation they
+    must belong to, combined under `ensemble` into `logits` (V, N, C)."""
     images, labels = train
     targets = load_checkpoint(path)
     logits = targets.get("teacher_logits")
     if (not isinstance(logits, Tensor) or logits.ndim != 4 or targets.get("num_images") != len(images)
-            or logits.shape[1] != len(images) or logits.shape[3] != num_classes or targets.get("seed") != seed):
-        raise UserError(f"{path}: soft targets were computed for other training data, classes or seed; "
+            or logits.shape[1] != len(images) or logits.shape[3] != num_classes or targets.get("seed") != seed
+            or targets.get("augment") != augment):
+        raise UserError(f"{path}: soft targets were computed for other training data, classes, seed or "
+                        "train.augment; "
                         "rerun the soft_targets stage")
     targets["logits"], targets["teacher_weights"] = combine_teachers(logits, labels, ensemble)
     return targets
@@ -99,7 +102,7 @@ def view_batches(images: Tensor, labels: Tensor, targets: dict,
 
     def batches(epoch: int, generator: torch.Generator) -> Iterator[Batch]:
         view = epoch % len(hashes)
-        pixels = render_view(images, targets["seed"], view)
+        pixels = render_view(images, targets["seed"], view, targets["augment"])
         if pixel_hash(pixels) != hashes[view]:
             raise UserError(f"view {view} renders differently from when its soft targets were computed "
                             "(augmentation code or library version changed); rerun the soft_targets stage")
