@@ -25,7 +25,7 @@ from torch.ao.quantization import FakeQuantizeBase
 from tqdm import tqdm
 
 from edgekd.data.prepared import normalize, resize_batch
-from edgekd.train.augment import augment_batch
+from edgekd.train.augment import apply_augmentation, draw_augmentation
 from edgekd.train.checkpoints import load_checkpoint, save_checkpoint
 from edgekd.train.models import count_params
 
@@ -100,17 +100,27 @@ def steps_per_epoch(num_images: int, batch_size: int) -> int:
     return max(1, num_images // batch_size)
 
 
+Augmentation = Callable[[Tensor], dict[str, Tensor]]  # a batch's rows -> its augmentation table
+
+
+def fresh_augmentation(generator: torch.Generator, side: int, kind: str) -> Augmentation:
+    """New transforms for every batch, drawn from the epoch's generator (train.augment)."""
+    return lambda rows: draw_augmentation(len(rows), side, generator, kind)
+
+
 def iterate_batches(images: Tensor, labels: Tensor, setup: FitSetup, generator: torch.Generator,
-                    augment: bool = True, teacher_logits: Tensor | None = None) -> Iterator[Batch]:
+                    augment: Augmentation | None, teacher_logits: Tensor | None = None) -> Iterator[Batch]:
     """Shuffled, augmented, normalised batches: uint8 (N, 3, H, W) -> float (B, 3, H, W) on device,
-    with the matching rows of `teacher_logits` (N, C) when given."""
+    with the matching rows of `teacher_logits` (N, C) when given. `augment` gives each batch's
+    augmentation table (`fresh_augmentation`, or a stored view's rows), applied on the device;
+    None leaves the images as they are."""
     order = torch.randperm(len(images), generator=generator)
     batch = min(setup.batch_size, len(images))
     for step in range(steps_per_epoch(len(images), setup.batch_size)):
         idx = order[step * batch:(step + 1) * batch]
         x = images[idx].to(setup.device)  # uint8 crosses to the GPU: 4x less to copy, augmented there
-        if augment:
-            x = augment_batch(x, generator, setup.augment)
+        if augment is not None:
+            x = apply_augmentation(x, augment(idx), setup.augment)
         x = resize_batch(x, setup.input_size)
         soft = None if teacher_logits is None else teacher_logits[idx].to(setup.device)
         yield Batch(normalize(x, setup.mean, setup.std), labels[idx].to(setup.device), soft)
@@ -227,7 +237,7 @@ def fingerprint(*parts: Any) -> str:
 
     def feed(part: Any) -> None:
         if isinstance(part, Tensor):
-            h.update(part.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(part.detach().cpu().reshape(-1).view(torch.uint8).numpy())  # no copy of a mapped split
         elif isinstance(part, dict):
             for key in sorted(part):
                 h.update(str(key).encode())
@@ -282,7 +292,8 @@ def fit(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, sch
         lr = optimizer.param_groups[0]["lr"]
         generator = torch.Generator().manual_seed(setup.seed * 10_007 + epoch)  # shuffle + augment
         epoch_batches = (batches(epoch, generator) if batches is not None
-                         else iterate_batches(*train, setup, generator))
+                         else iterate_batches(*train, setup, generator,
+                                         fresh_augmentation(generator, train[0].shape[-1], setup.augment)))
         stats = train_one_epoch(model, loss_fn, optimizer, scheduler, epoch_batches, setup.device, total=steps)
         if setup.bn_recalibration:
             recalibrate_bn(model, train[0], setup)
