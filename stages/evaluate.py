@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from edgekd.config import load_params
-from edgekd.data.prepared import load_info, load_split, normalize, resize_batch
+from edgekd.data.prepared import ModelInputs, load_info, load_split
 from edgekd.deploy.export import read_metadata
 from edgekd.deploy.sessions import make_runner
 from edgekd.errors import UserError
@@ -26,7 +26,7 @@ def measure(path: Path, images, labels: np.ndarray, classes: list[str], bench) -
     meta = read_metadata(path)
     if meta.classes != classes:
         raise UserError(f"{path}: classes {meta.classes} differ from the prepared data {classes}")
-    x = normalize(resize_batch(images, meta.image_size), meta.mean, meta.std).numpy()  # (N, 3, H, W) float32
+    x = ModelInputs(images, meta.image_size, meta.mean, meta.std)
     run = make_runner(path, "onnxruntime", bench.threads)
     preds = predict_all(run, x).argmax(1)
     m = classification_metrics(labels, preds, classes)

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from edgekd.config import load_params
-from edgekd.data.prepared import load_split, normalize, resize_batch
+from edgekd.data.prepared import ModelInputs, load_split
 from edgekd.deploy.export import (
     check_fp32_export,
     check_int8_export,
@@ -29,9 +29,9 @@ from edgekd.train.quant import convert_for_export, load_qat_model
 log = logging.getLogger("edgekd")
 
 
-def model_input(images, payload: dict):
-    """Val images (N, 3, H, W) uint8 as the checkpoint's model sees them: its size, its normalisation."""
-    return normalize(resize_batch(images, payload["image_size"]), payload["mean"], payload["std"])
+def model_input(images, payload: dict) -> ModelInputs:
+    """Images (N, 3, H, W) uint8 as the checkpoint's model sees them: its size, its normalisation."""
+    return ModelInputs(images, payload["image_size"], payload["mean"], payload["std"])
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 
 from edgekd.config import as_dict, load_params
-from edgekd.data.prepared import load_info, load_split, model_batches, resize_batch
+from edgekd.data.prepared import ModelInputs, load_info, load_split, resize_batch
 from edgekd.runtime import run_stage, select_device, write_metrics
 from edgekd.train.checkpoints import load_model, model_payload, save_checkpoint
 from edgekd.train.engine import evaluate
@@ -38,7 +38,7 @@ def main() -> None:
     student, payload = load_model(args.student)
     size, batch = int(payload["image_size"]), p.train.eval_batch_size
     calibration = train[:p.ptq.calibration_images]
-    model = calibrate(prepare_qat(student, size), model_batches(calibration, size, info.mean, info.std, batch))
+    model = calibrate(prepare_qat(student, size), ModelInputs(calibration, size, info.mean, info.std, batch))
 
     save_checkpoint(args.out, model_payload(model, payload["model"], dataclasses.replace(info, image_size=size),
                                             ptq=as_dict(p.ptq)))

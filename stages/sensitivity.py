@@ -13,7 +13,7 @@ import argparse
 import logging
 
 from edgekd.config import load_params
-from edgekd.data.prepared import load_info, load_split, model_batches
+from edgekd.data.prepared import ModelInputs, load_info, load_split
 from edgekd.plot_files import write_csv
 from edgekd.runtime import run_stage, select_device, write_metrics
 from edgekd.train.checkpoints import load_model
@@ -40,7 +40,7 @@ def main() -> None:
     student, payload = load_model(args.student)
     model, _ = load_qat_model(args.ptq)
     size, batch = int(payload["image_size"]), p.train.eval_batch_size
-    val_batches = model_batches(val, size, info.mean, info.std, batch)
+    val_batches = ModelInputs(val, size, info.mean, info.std, batch)
     result = layer_sensitivity(model, logits_of(student.eval(), val_batches), labels, val_batches)
 
     write_metrics(args.metrics, result)

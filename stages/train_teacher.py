@@ -15,6 +15,7 @@ from edgekd.runtime import run_stage, seed_everything, select_device, stream_see
 from edgekd.train.checkpoints import model_payload, save_checkpoint
 from edgekd.train.engine import fingerprint, setup_from_params, train_model, training_summary
 from edgekd.train.losses import ce_loss_fn
+from edgekd.train.distributed import join_process_group, leave_process_group, relaunch_under_torchrun
 from edgekd.train.models import build_model, local_weights
 
 log = logging.getLogger("edgekd")
@@ -33,10 +34,11 @@ def main() -> None:
     params = load_params(args.params)
     if args.arch not in TEACHER_ARCHS:
         raise UserError(f"--arch {args.arch!r} is not a teacher architecture; one of {list(TEACHER_ARCHS)}")
+    relaunch_under_torchrun(params.distributed)
     start = time.perf_counter()
     seed = stream_seed(params.seed, f"teacher/{args.arch}")  # own batch order and augmentations
     seed_everything(seed)
-    device = select_device(params.train.device, params.train.threads)
+    ranks, device = join_process_group(select_device(params.train.device, params.train.threads))
     info, train, val = load_info(args.data), load_split(args.data, "train"), load_split(args.data, "val")
     cfg = params.teachers
     weights = local_weights(args.init)
@@ -44,14 +46,16 @@ def main() -> None:
     model.to(memory_format=torch.channels_last)  # oneDNN's faster layout: 7-20 % less time per step on CPU
     init = [] if weights is None else [model.state_dict()]  # the loaded backbone is part of the run
     run_id = fingerprint(args.arch, cfg.stems[args.arch], seed, as_dict(params.train), cfg.epochs, cfg.lr, *init, *train, *val)
-    setup = setup_from_params(params, info, device, cfg.epochs, seed, args.live, run_id)
+    setup = setup_from_params(params, info, device, cfg.epochs, seed, args.live, run_id, ranks=ranks)
 
     result = train_model(model, ce_loss_fn(params.train.label_smoothing), cfg.lr,
                          params.train.weight_decay, train, val, setup)
 
-    save_checkpoint(args.out, model_payload(model, {"arch": args.arch, "width": 1.0, "stem": cfg.stems[args.arch]}, info,
-                                            val_acc=result.best_val_acc))
-    write_metrics(args.metrics, training_summary(result, model, time.perf_counter() - start))
+    if ranks.main:
+        save_checkpoint(args.out, model_payload(model, {"arch": args.arch, "width": 1.0, "stem": cfg.stems[args.arch]},
+                                                info, val_acc=result.best_val_acc))
+        write_metrics(args.metrics, training_summary(result, model, time.perf_counter() - start))
+    leave_process_group()
     log.info("teacher %s: val_acc %.4f (epoch %d), %s", args.arch, result.best_val_acc,
              result.best_epoch + 1, args.out)
 

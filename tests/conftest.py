@@ -8,7 +8,7 @@
 - `small_rice_tree`: that tree with 20 real images per variety (100 JPEGs, real file names such as
   `Arborio (10005).jpg`).
 - `prepared_small`: `prepare_dataset` run on `small_rice_tree` at image_size 32 into a tmp
-  `prepared/` folder (train/val/test npz + csv + info.json): real prepared data for training and
+  `prepared/` folder (train/val/test image and label npy + csv + info.json): real prepared data for training and
   export tests. Treat both trees and the prepared folder as read-only; copy before modifying.
 - `make_png(width, height, bit_depth, colour_type, rows)`: hand-written PNG bytes (any header,
   e.g. a 100,000 x 100,000 decompression bomb of a few bytes, or 16-bit RGB).

@@ -5,7 +5,12 @@ import torch
 
 from edgekd.data.prepared import load_split, normalize, resize_batch
 from edgekd.train import augment
-from edgekd.train.augment import augment_batch
+from edgekd.train.augment import apply_augmentation, draw_augmentation
+
+
+def augment_batch(images, generator, kind="dihedral"):
+    """Fresh transforms for a batch, as training draws them."""
+    return apply_augmentation(images, draw_augmentation(len(images), images.shape[-1], generator, kind), kind)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +74,7 @@ def test_crop_flip_is_a_window_of_the_padded_image_mirrored_left_right_or_not(im
 
 def test_unknown_augmentation_is_named():
     with pytest.raises(ValueError, match="'mixup' is not one of"):
-        augment_batch(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.Generator(), "mixup")
+        draw_augmentation(2, 8, torch.Generator(), "mixup")
 
 
 def test_input_not_modified(images):
@@ -81,9 +86,9 @@ def test_input_not_modified(images):
 def test_rejects_float_or_non_square():
     g = torch.Generator()
     with pytest.raises(ValueError, match="uint8"):
-        augment_batch(torch.zeros(2, 3, 8, 8), g)
+        apply_augmentation(torch.zeros(2, 3, 8, 8), draw_augmentation(2, 8, g, "dihedral"), "dihedral")
     with pytest.raises(ValueError, match="square"):
-        augment_batch(torch.zeros(2, 3, 8, 9, dtype=torch.uint8), g)
+        apply_augmentation(torch.zeros(2, 3, 8, 9, dtype=torch.uint8), draw_augmentation(2, 8, g, "crop_flip"), "crop_flip")
 
 
 def test_resize_batch_downscales_uint8_and_keeps_same_size_as_is(images):

@@ -80,8 +80,38 @@ def test_prepared_small_follows_the_contract(prepared_small, small_rice_tree):
 def test_missing_prepared_data_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="info.json: not found; run the prepare stage"):
         load_info(tmp_path)
-    with pytest.raises(DataError, match="train.npz: not found"):
+    with pytest.raises(DataError, match="train_images.npy: not found"):
         load_split(tmp_path, "train")
+
+
+def test_malformed_prepared_split_is_a_clear_error(prepared_small, tmp_path):
+    bad = shutil.copytree(prepared_small, tmp_path / "prepared")
+    np.save(bad / "val_labels.npy", np.zeros(3, np.int64))  # fewer labels than images
+    with pytest.raises(DataError, match=r"val_images.npy: expected uint8 \(N, 3, H, W\) images and N labels"):
+        load_split(bad, "val")
+    (bad / "test_images.npy").write_bytes(b"not an array")
+    with pytest.raises(DataError, match="test_images.npy: unreadable prepared split"):
+        load_split(bad, "test")
+
+
+def _anon_memory_mb() -> float:
+    """RssAnon of this process (Linux): private pages a copy would add; mapped file pages do not count."""
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("RssAnon:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_splits_are_memory_mapped_not_read_into_ram(tmp_path):
+    """A 256 MB split, read through every page, adds far less than its size to private memory."""
+    images = np.lib.format.open_memmap(tmp_path / "train_images.npy", "w+", np.uint8, (4096, 3, 128, 128))
+    images[::7] = 255
+    images.flush()
+    np.save(tmp_path / "train_labels.npy", np.arange(4096) % 5)
+    del images
+    before = _anon_memory_mb()
+    x, y = load_split(tmp_path, "train")
+    total = sum(int(x[i:i + 256].sum(dtype=torch.int64)) for i in range(0, len(x), 256))
+    assert total == 255 * 3 * 128 * 128 * len(range(0, 4096, 7)) and y.tolist()[:6] == [0, 1, 2, 3, 4, 0]
+    assert _anon_memory_mb() - before < 64
 
 
 def test_channel_stats_are_exact():
@@ -89,6 +119,8 @@ def test_channel_stats_are_exact():
     mean, std = channel_stats(images)
     ref = images.reshape(-1, 3) / 255.0
     assert np.allclose(mean, ref.mean(0), atol=1e-6) and np.allclose(std, ref.std(0), atol=1e-6)
+    rows = np.array([6, 1, 3])
+    assert channel_stats(images, rows) == channel_stats(images[rows]) != (mean, std)
 
 
 # ----------------------------------------------------------------------------- splits
@@ -136,7 +168,7 @@ def test_split_is_deterministic_and_depends_on_the_seed():
 def test_prepare_is_deterministic(small_rice_tree, prepared_small, tmp_path):
     again = tmp_path / "again"
     prepare_dataset(small_rice_tree, again, CFG, seed=0)
-    for name in ("train.csv", "val.csv", "test.csv", "info.json", "train.npz", "test.npz"):
+    for name in ("train.csv", "val.csv", "test.csv", "info.json", "train_images.npy", "test_labels.npy"):
         assert (again / name).read_bytes() == (prepared_small / name).read_bytes(), name
     other = tmp_path / "other"
     prepare_dataset(small_rice_tree, other, CFG, seed=1)
@@ -345,6 +377,27 @@ def test_cache_limit_fails_before_decoding(small_rice_tree, tmp_path, monkeypatc
     cfg = DataConfig(image_size=512, cache_limit_mb=50)  # 100 x 3 x 512 x 512 B = 75 MB
     with pytest.raises(DataError, match="cache needs 75 MB for 100 images .* data.cache_limit_mb=50"):
         prepare_dataset(small_rice_tree, tmp_path / "prepared", cfg, seed=0)
+
+
+def test_full_disk_fails_before_decoding(small_rice_tree, tmp_path, monkeypatch):
+    def no_decode(*args, **kwargs):
+        raise AssertionError("decoded although the disk cannot hold the cache")
+
+    monkeypatch.setattr(prepare_mod, "decode_all", no_decode)
+    monkeypatch.setattr(prepare_mod.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 2**20, 2**20))
+    cfg = DataConfig(image_size=128)  # 100 x 3 x 128 x 128 B = 4.7 MB, twice while it runs
+    with pytest.raises(DataError, match=r"prepared: 1 MB free, but preparing 100 images .* needs 9 MB"):
+        prepare_dataset(small_rice_tree, tmp_path / "prepared", cfg, seed=0)
+
+
+def test_failed_prepare_leaves_no_staging_file(small_rice_tree, tmp_path):
+    root = _copy_tree(small_rice_tree, tmp_path / "tree")
+    (root / "Zeta").mkdir()
+    (root / "Zeta" / "broken.jpg").write_bytes(b"not a jpeg")  # found only after decoding
+    out = tmp_path / "prepared"
+    with pytest.raises(DataError, match="Zeta has no readable images"):
+        prepare_dataset(root, out, CFG, seed=0)
+    assert out.is_dir() and not (out / prepare_mod.STAGING_FILE).exists()
 
 
 # ----------------------------------------------------------------------------- report

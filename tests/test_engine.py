@@ -49,7 +49,7 @@ def test_training_steps_on_real_images_reduce_loss(data):
     model = build_model("mobilenet_v3_small", len(info.classes), 0.25)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
     setup = _setup(info)
-    batch = next(iterate_batches(*train, setup, torch.Generator().manual_seed(0), augment=False))
+    batch = next(iterate_batches(*train, setup, torch.Generator().manual_seed(0), augment=None))
     before = model.classifier[-1].weight.detach().clone()
     losses = [train_one_epoch(model, ce_loss_fn(0.0), optimizer, None, iter([batch]), setup.device)["loss"]
               for _ in range(8)]

@@ -46,7 +46,8 @@ def _qat_one_epoch(prepared):
     model = prepare_qat(build_model(ARCH, len(info.classes), 0.25), info.image_size)
     setup = engine.FitSetup(epochs=1, batch_size=16, eval_batch_size=64, seed=0, mean=info.mean, std=info.std)
     optimizer, scheduler = engine.make_optimizer(model, 1e-3, 0.0, 1, engine.steps_per_epoch(len(images), 16))
-    batches = engine.iterate_batches(images, labels, setup, torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    batches = engine.iterate_batches(images, labels, setup, generator, engine.fresh_augmentation(generator, info.image_size, "dihedral"))
     engine.train_one_epoch(model, _ce, optimizer, scheduler, batches, torch.device("cpu"))
     return model.eval(), info
 

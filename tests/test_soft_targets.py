@@ -1,22 +1,32 @@
 """Stored teacher logits on re-rendered views: same pixels every time, right view per epoch, loud mismatches."""
 
+import hashlib
+
 import pytest
 import torch
 from torch import nn
 
 from edgekd.data.prepared import load_info, load_split
 from edgekd.errors import UserError
+from edgekd.train.augment import apply_augmentation, draw_augmentation
 from edgekd.train.engine import FitSetup
 from edgekd.train.losses import confidence_weights
 from edgekd.train.soft_targets import (
     combine_teachers,
     compute_soft_targets,
+    RENDER_CHUNK,
     load_soft_targets,
-    pixel_hash,
     render_view,
     save_soft_targets,
     view_batches,
+    view_hash,
+    view_parameters,
 )
+
+
+def _render(images, seed, view, augment="dihedral"):
+    """A whole view, for comparisons (the pipeline never holds one)."""
+    return torch.cat(list(render_view(images, view_parameters(images, seed, view, augment), augment)))
 
 
 class _MeanColour(nn.Module):
@@ -42,19 +52,36 @@ def sample(prepared_small):
 
 def test_views_render_identically_and_differ_from_each_other(sample):
     _, images, _, _ = sample
-    first = render_view(images, seed=7, view=1, augment="dihedral")
+    first = _render(images, seed=7, view=1)
     assert first.shape == images.shape and first.dtype == torch.uint8
-    assert torch.equal(first, render_view(images, seed=7, view=1, augment="dihedral"))
-    assert not torch.equal(first, render_view(images, seed=7, view=2, augment="dihedral"))
-    assert not torch.equal(first, render_view(images, seed=8, view=1, augment="dihedral"))
+    assert torch.equal(first, _render(images, seed=7, view=1))
+    assert not torch.equal(first, _render(images, seed=7, view=2))
+    assert not torch.equal(first, _render(images, seed=8, view=1))
+
+
+@pytest.mark.parametrize("augment", ["dihedral", "crop_flip"])
+def test_a_view_renders_the_same_pixels_in_any_batches(augment):
+    """Rendered from its table, a batch of any rows in any order: the pixels of the view defined as
+    fresh RENDER_CHUNK-image augmentations drawn from one generator (the definition stored hashes pin)."""
+    images = torch.randint(0, 256, (2 * RENDER_CHUNK + 37, 3, 16, 16), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(5 * 7_919 + 2)
+    chunks = [images[start:start + RENDER_CHUNK] for start in range(0, len(images), RENDER_CHUNK)]
+    defined = torch.cat([apply_augmentation(c, draw_augmentation(len(c), 16, generator, augment), augment) for c in chunks])
+    params = view_parameters(images, seed=5, view=2, augment=augment)
+    assert torch.equal(torch.cat(list(render_view(images, params, augment, batch_size=100))), defined)
+    rows = torch.randperm(len(images), generator=torch.Generator().manual_seed(1))[:150]
+    batch = render_view(images[rows], {k: v[rows] for k, v in params.items()}, augment, batch_size=150)
+    assert torch.equal(next(batch), defined[rows])
+    assert view_hash(images, params, augment) == hashlib.sha256(defined.numpy()).hexdigest()[:16]
 
 
 def test_targets_are_the_teachers_logits_of_each_view(sample):
     info, images, _, targets = sample
     assert targets["teacher_logits"].shape == (3, len(images), 1, len(info.classes))
     teacher = _MeanColour(len(info.classes)).eval()
-    pixels = render_view(images, seed=7, view=2, augment="dihedral")
-    assert targets["view_hashes"][2] == pixel_hash(pixels)
+    pixels = _render(images, seed=7, view=2)
+    assert targets["view_hashes"][2] == hashlib.sha256(pixels.numpy()).hexdigest()[:16]
     x = (pixels.float() / 255 - torch.tensor(info.mean).view(1, 3, 1, 1)) / torch.tensor(info.std).view(1, 3, 1, 1)
     with torch.no_grad():
         torch.testing.assert_close(targets["teacher_logits"][2, :, 0], teacher(x))
@@ -69,7 +96,7 @@ def test_mean_ensemble_of_one_teacher_is_its_logits_and_counts_its_hits(sample):
     hits = []
     with torch.no_grad():
         for view in range(3):
-            x = (render_view(images, seed=7, view=view, augment="dihedral").float() / 255 - mean) / std
+            x = (_render(images, seed=7, view=view).float() / 255 - mean) / std
             hits.append((teacher(x).argmax(1) == labels).tolist())
     assert len({sum(h) for h in hits}) > 1  # the views differ in how often the teacher is right
     assert (logits.argmax(-1) == labels).float().mean().item() == pytest.approx(

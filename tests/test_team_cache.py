@@ -6,7 +6,7 @@ from pathlib import Path
 from tiny_pipeline import commit_all, sh
 
 # Outputs of the stages at both ends of the pipeline (cached by DVC, not by git).
-CACHED = ["prepared/train.npz", "models/teachers/resnet18.pt", "models/soft_targets.pt",
+CACHED = ["prepared/train_images.npy", "models/teachers/resnet18.pt", "models/soft_targets.pt",
           "models/student_int8.onnx", "models/student_mixed.onnx"]
 
 

@@ -19,8 +19,9 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="folder to create, e.g. data/rice-demo")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--per-class", type=int, default=DEFAULT_PER_CLASS)
+    parser.add_argument("--workers", type=int, default=1, help="processes (large trees)")
     args = parser.parse_args()
-    files = generate(args.out, seed=args.seed, per_class=args.per_class)
+    files = generate(args.out, seed=args.seed, per_class=args.per_class, workers=args.workers)
     log.info("demo data: wrote %d synthetic images to %s", len(files), args.out)
 
 

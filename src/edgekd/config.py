@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,25 @@ class TrainConfig(_Recorded):
                  "0 <= x < 1")
         _require(self.patience >= 0, "train.patience", self.patience, ">= 0")
         _require(self.augment in AUGMENTATIONS, "train.augment", self.augment, f"one of {list(AUGMENTATIONS)}")
+
+
+@dataclass(frozen=True)
+class DistributedConfig(_Recorded):
+    """Data-parallel training with torchrun (edgekd.train.distributed): teachers and students."""
+
+    nproc_per_node: int = 1  # training processes on each machine (one per GPU); 1 = no torchrun
+    nnodes: int = 1  # machines, each running the same stage command
+    rdzv_endpoint: str = "localhost:29500"  # host:port on the first machine, when nnodes > 1
+
+    def check(self) -> None:
+        _require(self.nproc_per_node >= 1, "distributed.nproc_per_node", self.nproc_per_node, ">= 1")
+        _require(self.nnodes >= 1, "distributed.nnodes", self.nnodes, ">= 1")
+        _require(bool(re.fullmatch(r"[\w.\-]+:\d+", self.rdzv_endpoint)), "distributed.rdzv_endpoint",
+                 self.rdzv_endpoint, "host:port")
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
 
 
 @dataclass(frozen=True)
@@ -255,6 +275,7 @@ class Params(_Recorded):
     seed: int = 42  # teachers (each derives its own stream) and the views they label (soft_targets)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     teachers: TeachersConfig = field(default_factory=TeachersConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     kd: KDConfig = field(default_factory=KDConfig)
@@ -271,6 +292,9 @@ class Params(_Recorded):
                 section.check()
         _require(self.kd.ensemble == "mean" or len(self.teachers.archs) >= 2, "kd.ensemble", self.kd.ensemble,
                  "mean when teachers.archs holds one teacher (weights compare teachers)")
+        _require(self.train.batch_size % self.distributed.world_size == 0, "train.batch_size", self.train.batch_size,
+                 f"a multiple of the {self.distributed.world_size} training processes (distributed.*): "
+                 "each takes an equal share of every batch")
         _require(self.student_image_size <= self.data.image_size, "student.image_size", self.student.image_size,
                  f"null or <= data.image_size ({self.data.image_size}): students are trained on the cached images")
 

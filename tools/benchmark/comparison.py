@@ -17,7 +17,7 @@ import torch
 
 from edgekd.config import Params, StudentConfig
 from edgekd.data.images import load_image
-from edgekd.data.prepared import load_info, load_split, normalize, resize_batch
+from edgekd.data.prepared import ModelInputs, load_info, load_split, normalize
 from edgekd.deploy.export import read_metadata
 from edgekd.deploy.sessions import make_runner
 from edgekd.eval.latency import measure_speed
@@ -125,7 +125,7 @@ def main_rows(params: Params, repo: Path, main_eval: dict, seed_cfg: dict | None
                              "student_mixed_a16.onnx"),
                             ("baseline_int8", "student baseline + QAT, INT8 (no KD)", "baseline_int8.onnx")]:
         m, size = main_eval[key], read_metadata(models / file).image_size
-        x = normalize(resize_batch(images, size), info.mean, info.std).numpy()  # (N, 3, H, W) float32
+        x = ModelInputs(images, size, info.mean, info.std)
         # the evaluate stage's own per-image answers (test order), which its accuracy counts
         answers = pd.read_csv(repo / "plots" / f"confusion_{key}.csv")["predicted"]
         predictions[f"student {key}"] = answers.map(class_index).to_numpy()

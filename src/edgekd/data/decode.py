@@ -1,13 +1,19 @@
 """Decode every image once: the resized pixels the cache keeps, and the per-image features the
-duplicate search and the data report use (exact digest, dihedral pHashes, size, foreground)."""
+duplicate search and the data report use (exact digest, dihedral pHashes, size, foreground).
+
+Decoding runs in worker processes, one per core (pHash and resizing hold the GIL, threads would
+not scale). Pixels go straight into a caller-supplied array, in `prepare` a memory-mapped file, so
+the RAM needed is the features (~300 bytes an image) plus the images in flight, whatever the count.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import imagehash
@@ -27,7 +33,7 @@ class Decoded:
 
     paths: list[Path]
     classes: list[str]
-    images: np.ndarray  # (N, S, S, 3) uint8, resized
+    images: np.ndarray  # (N, S, S, 3) uint8, resized (the first N rows of the caller's array)
     exact: list[bytes]  # digest of the full-resolution decoded pixels
     phash: np.ndarray  # (N, 8, 4) uint64: 256-bit pHash of the 8 dihedral transforms
     sizes: np.ndarray  # (N, 2) int: original (width, height)
@@ -59,6 +65,7 @@ def dihedral_phashes(rgb: np.ndarray) -> np.ndarray:
 
 
 def _decode_one(path: Path, size: int, max_pixels: int) -> tuple | str:
+    """(pixels, digest, pHashes, (width, height), foreground, brightness), or the reason it is unreadable."""
     try:
         rgb = load_rgb(path, max_pixels)  # (H, W, 3)
     except UnreadableImage as err:
@@ -70,22 +77,35 @@ def _decode_one(path: Path, size: int, max_pixels: int) -> tuple | str:
             float(fg.mean()), float(grey[fg].mean()) if fg.any() else 0.0)
 
 
-def decode_all(files: list[tuple[Path, str]], size: int, max_pixels: int) -> Decoded:
-    """Decode every file once (threads: PIL releases the GIL while decoding)."""
-    workers = min(4, os.cpu_count() or 1)
-    with ThreadPoolExecutor(workers) as pool:
-        results = list(tqdm(pool.map(lambda f: _decode_one(f[0], size, max_pixels), files),
-                            total=len(files), desc="decode", disable=not sys.stderr.isatty()))
-    ok = [(f, r) for f, r in zip(files, results) if not isinstance(r, str)]
-    bad = [(f[0], r) for f, r in zip(files, results) if isinstance(r, str)]
-    images = np.empty((len(ok), size, size, 3), dtype=np.uint8)
-    for i, (_, r) in enumerate(ok):
-        images[i] = r[0]
+DECODE_CHUNK = 64  # files per task sent to a worker process
+
+
+def decode_workers() -> int:
+    """One decoding process per core this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def decode_all(files: list[tuple[Path, str]], size: int, max_pixels: int,
+               pixels: np.ndarray | None = None) -> Decoded:
+    """Decode every file once. The resized pixels of the k-th readable file are written to
+    `pixels[k]` ((len(files), size, size, 3) uint8; allocated in RAM when None)."""
+    if pixels is None:
+        pixels = np.empty((len(files), size, size, 3), dtype=np.uint8)
+    decode = partial(_decode_one, size=size, max_pixels=max_pixels)
+    kept, bad = [], []  # kept: (path, class, digest, pHashes, size, foreground, brightness)
+    with ProcessPoolExecutor(min(decode_workers(), max(1, len(files) // DECODE_CHUNK))) as pool:
+        results = pool.map(decode, [f[0] for f in files], chunksize=DECODE_CHUNK)
+        for (path, label), r in tqdm(zip(files, results), total=len(files), desc="decode",
+                                     disable=not sys.stderr.isatty()):
+            if isinstance(r, str):
+                bad.append((path, r))
+            else:
+                pixels[len(kept)] = r[0]
+                kept.append((path, label, *r[1:]))
+    paths, classes, exact, phash, sizes, area, brightness = map(list, zip(*kept)) if kept else [[]] * 7
     return Decoded(
-        paths=[f[0] for f, _ in ok], classes=[f[1] for f, _ in ok], images=images,
-        exact=[r[1] for _, r in ok],
-        phash=np.stack([r[2] for _, r in ok]) if ok else np.zeros((0, 8, 4), np.uint64),
-        sizes=np.array([r[3] for _, r in ok], dtype=np.int64).reshape(-1, 2),
-        area=np.array([r[4] for _, r in ok]), brightness=np.array([r[5] for _, r in ok]),
-        unreadable=bad,
+        paths=paths, classes=classes, images=pixels[:len(paths)], exact=exact,
+        phash=np.stack(phash) if phash else np.zeros((0, 8, 4), np.uint64),
+        sizes=np.array(sizes, dtype=np.int64).reshape(-1, 2),
+        area=np.array(area), brightness=np.array(brightness), unreadable=bad,
     )

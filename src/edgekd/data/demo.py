@@ -13,7 +13,9 @@ metadata, so `data.dvc` pins the generator's output.
 
 from __future__ import annotations
 
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -91,17 +93,24 @@ def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
     return sum(w * rows[:, k : k + width] for k, w in enumerate(taps))  # (H, W)
 
 
-def generate(out: str | Path, seed: int = DEFAULT_SEED, per_class: int = DEFAULT_PER_CLASS) -> list[Path]:
-    """Write `<out>/<Variety>/<Variety> (<i>).png` (file names with spaces, like the real set)."""
+def _write_grain(out: Path, seed: int, v_idx: int, i: int) -> Path:
+    variety = VARIETIES[v_idx]
+    path = out / variety.name / f"{variety.name} ({i}).png"
+    rng = np.random.default_rng([seed, v_idx, i])
+    Image.fromarray(render_grain(variety, rng)).save(path, format="PNG", optimize=False, compress_level=6)
+    return path
+
+
+def generate(out: str | Path, seed: int = DEFAULT_SEED, per_class: int = DEFAULT_PER_CLASS,
+             workers: int = 1) -> list[Path]:
+    """Write `<out>/<Variety>/<Variety> (<i>).png` (file names with spaces, like the real set), in
+    `workers` processes for large trees (the bytes do not depend on it)."""
     out = Path(out)
-    written = []
-    for v_idx, variety in enumerate(VARIETIES):
-        folder = out / variety.name
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(1, per_class + 1):
-            rng = np.random.default_rng([seed, v_idx, i])
-            path = folder / f"{variety.name} ({i}).png"
-            Image.fromarray(render_grain(variety, rng)).save(path, format="PNG", optimize=False,
-                                                             compress_level=6)
-            written.append(path)
-    return written
+    for variety in VARIETIES:
+        (out / variety.name).mkdir(parents=True, exist_ok=True)
+    v_idx, index = zip(*[(v, i) for v in range(len(VARIETIES)) for i in range(1, per_class + 1)])
+    write = partial(_write_grain, out, seed)
+    if workers == 1:
+        return list(map(write, v_idx, index))
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(write, v_idx, index, chunksize=64))

@@ -46,7 +46,9 @@ def measure_throughput(run: Runner, batch: np.ndarray, warmup: int, runs: int) -
 
 def measure_speed(path: str | Path, x: np.ndarray, bench: BenchConfig) -> dict:
     """Batch-1 p50/p90 and batch throughput in onnxruntime, and batch-1 OpenVINO latency for the
-    record, on real preprocessed inputs `x` (N, 3, H, W) float32 (repeated up to `bench.batch`)."""
+    record, on real preprocessed inputs `x` (N, 3, H, W) float32, an array or `ModelInputs` (its first
+    `bench.batch`, repeated up to that many)."""
+    x = np.asarray(x[:bench.batch])
     run = make_runner(path, "onnxruntime", bench.threads)
     lat = measure_latency(run, x[:1], bench.warmup, bench.runs)
     ov = measure_latency(make_runner(path, "openvino", bench.threads), x[:1], bench.warmup, bench.runs)

@@ -26,6 +26,7 @@ def classification_metrics(labels: np.ndarray, preds: np.ndarray, classes: list[
             "confusion": confusion.tolist()}
 
 
-def predict_all(run: Runner, x: np.ndarray, batch: int = 256) -> np.ndarray:
-    """Logits (N, C) for float inputs (N, 3, H, W), in batches (the files have a dynamic batch axis)."""
-    return np.concatenate([run(x[i:i + batch]) for i in range(0, len(x), batch)])
+def predict_all(run: Runner, x, batch: int = 256) -> np.ndarray:
+    """Logits (N, C) for float inputs (N, 3, H, W) (an array or `ModelInputs`), in batches (the files
+    have a dynamic batch axis)."""
+    return np.concatenate([run(np.asarray(x[i:i + batch])) for i in range(0, len(x), batch)])

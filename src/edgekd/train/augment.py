@@ -32,32 +32,39 @@ JITTER = 0.1  # brightness, contrast and saturation factors in [1 - JITTER, 1 + 
 CROP_PAD = 1 / 8  # crop_flip: zero padding per side as a fraction of the side (4 px at 32 px)
 
 
-def augment_batch(images: Tensor, generator: torch.Generator, kind: str = "dihedral") -> Tensor:
-    """Random transforms drawn per sample: `dihedral`, a flip/quarter turn and colour jitter;
-    `crop_flip`, a padded random crop and a horizontal flip.
-
-    (B, 3, H, W) uint8 -> (B, 3, H, W) uint8, H == W, on the images' device. Deterministic given the
-    generator state (a CPU generator: parameters are drawn on CPU, pixels stay where the images are).
-    """
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != images.shape[-2]:
-        raise ValueError(f"expected square uint8 (B, 3, H, W) images, got {images.dtype} {tuple(images.shape)}")
+def draw_augmentation(n: int, side: int, generator: torch.Generator, kind: str) -> dict[str, Tensor]:
+    """Random transforms drawn per sample, on CPU, for `n` samples of side `side`: `dihedral`, a
+    flip/quarter turn and colour jitter; `crop_flip`, a padded random crop and a horizontal flip.
+    Deterministic given the generator state. A table, not pixels: `apply_augmentation` renders any
+    of its rows later, a batch at a time, on any device."""
     if kind == "crop_flip":
-        return _crop_flip(images, generator)
+        pad = round(side * CROP_PAD)
+        return {"offsets": torch.randint(0, 2 * pad + 1, (n, 2), generator=generator),  # (N, [dy, dx])
+                "flips": torch.rand(n, generator=generator) < 0.5}
     if kind != "dihedral":
         raise ValueError(f"augmentation {kind!r} is not one of {list(AUGMENTATIONS)}")
-    symmetries = torch.randint(0, 8, (len(images),), generator=generator).to(images.device)
-    factors = _uniform(generator, len(images), 3, 1 - JITTER, 1 + JITTER).to(images.device)
-    x = _colour_jitter(_square_symmetry(images, symmetries).float(), factors)
+    return {"symmetries": torch.randint(0, 8, (n,), generator=generator),
+            "factors": _uniform(generator, n, 3, 1 - JITTER, 1 + JITTER)}
+
+
+def apply_augmentation(images: Tensor, params: dict[str, Tensor], kind: str) -> Tensor:
+    """Square uint8 (B, 3, H, W) -> uint8 (B, 3, H, W) transformed by the B rows of a
+    `draw_augmentation` table, on the images' device; each sample's pixels depend on its own row
+    only, never on the rest of the batch."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != images.shape[-2]:
+        raise ValueError(f"expected square uint8 (B, 3, H, W) images, got {images.dtype} {tuple(images.shape)}")
+    params = {name: value.to(images.device) for name, value in params.items()}
+    if kind == "crop_flip":
+        return _crop_flip(images, params["offsets"], params["flips"])
+    x = _colour_jitter(_square_symmetry(images, params["symmetries"]).float(), params["factors"])
     return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def _crop_flip(images: Tensor, generator: torch.Generator) -> Tensor:
-    """Each sample: a window of its own side from the zero-padded image at a random offset, then
-    mirrored left-right with probability 1/2; exact pixel copies, no resampling."""
+def _crop_flip(images: Tensor, offsets: Tensor, flips: Tensor) -> Tensor:
+    """Each sample: a window of its own side from the zero-padded image at its offset, then mirrored
+    left-right where `flips`; exact pixel copies, no resampling."""
     b, _, side, _ = images.shape
     pad = round(side * CROP_PAD)
-    offsets = torch.randint(0, 2 * pad + 1, (b, 2), generator=generator).to(images.device)  # (B, [dy, dx])
-    flips = (torch.rand(b, generator=generator) < 0.5).to(images.device)
     padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))  # (B, 3, side + 2 pad, side + 2 pad)
     grid = torch.arange(side, device=images.device)
     rows = offsets[:, :1] + grid  # (B, side)

@@ -25,8 +25,9 @@ from torch.ao.quantization import FakeQuantizeBase
 from tqdm import tqdm
 
 from edgekd.data.prepared import normalize, resize_batch
-from edgekd.train.augment import augment_batch
+from edgekd.train.augment import apply_augmentation, draw_augmentation
 from edgekd.train.checkpoints import load_checkpoint, save_checkpoint
+from edgekd.train.distributed import Ranks, data_parallel, sum_over_ranks
 from edgekd.train.models import count_params
 
 log = logging.getLogger("edgekd")
@@ -63,6 +64,7 @@ class FitSetup:
     # True: keep the best-val epoch. False: keep the last one, for QAT, whose BN/observer freeze
     # schedule must reach the weights that are exported (an earlier best-val epoch predates it).
     select_best: bool = True
+    ranks: Ranks = Ranks()  # this process among the data-parallel ones (edgekd.train.distributed)
 
 
 @dataclass
@@ -100,17 +102,31 @@ def steps_per_epoch(num_images: int, batch_size: int) -> int:
     return max(1, num_images // batch_size)
 
 
+Augmentation = Callable[[Tensor], dict[str, Tensor]]  # a batch's rows -> its augmentation table
+
+
+def fresh_augmentation(generator: torch.Generator, side: int, kind: str) -> Augmentation:
+    """New transforms for every batch, drawn from the epoch's generator (train.augment)."""
+    return lambda rows: draw_augmentation(len(rows), side, generator, kind)
+
+
 def iterate_batches(images: Tensor, labels: Tensor, setup: FitSetup, generator: torch.Generator,
-                    augment: bool = True, teacher_logits: Tensor | None = None) -> Iterator[Batch]:
+                    augment: Augmentation | None, teacher_logits: Tensor | None = None) -> Iterator[Batch]:
     """Shuffled, augmented, normalised batches: uint8 (N, 3, H, W) -> float (B, 3, H, W) on device,
-    with the matching rows of `teacher_logits` (N, C) when given."""
+    with the matching rows of `teacher_logits` (N, C) when given. `augment` gives each batch's
+    augmentation table (`fresh_augmentation`, or a stored view's rows), applied on the device;
+    None leaves the images as they are. With several processes, each takes every world-th image of
+    each global batch, drawn and augmented exactly as for one process."""
     order = torch.randperm(len(images), generator=generator)
     batch = min(setup.batch_size, len(images))
+    share = slice(setup.ranks.rank, None, setup.ranks.world)
     for step in range(steps_per_epoch(len(images), setup.batch_size)):
         idx = order[step * batch:(step + 1) * batch]
+        table = None if augment is None else augment(idx)  # drawn for the global batch on every rank
+        idx = idx[share]
         x = images[idx].to(setup.device)  # uint8 crosses to the GPU: 4x less to copy, augmented there
-        if augment:
-            x = augment_batch(x, generator, setup.augment)
+        if table is not None:
+            x = apply_augmentation(x, {name: rows[share] for name, rows in table.items()}, setup.augment)
         x = resize_batch(x, setup.input_size)
         soft = None if teacher_logits is None else teacher_logits[idx].to(setup.device)
         yield Batch(normalize(x, setup.mean, setup.std), labels[idx].to(setup.device), soft)
@@ -118,8 +134,9 @@ def iterate_batches(images: Tensor, labels: Tensor, setup: FitSetup, generator: 
 
 def train_one_epoch(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, scheduler: Any,
                     batches: Iterator[Batch], device: torch.device,
-                    total: int | None = None) -> dict[str, float]:
-    """One pass over `batches`; returns mean loss (and its parts), train accuracy, images/s."""
+                    total: int | None = None, ranks: Ranks = Ranks()) -> dict[str, float]:
+    """One pass over `batches`; returns mean loss (and its parts), train accuracy, images/s, over
+    the global batches of all processes."""
     model.train()
     sums: dict[str, float] = {}
     correct = seen = 0
@@ -138,7 +155,9 @@ def train_one_epoch(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Op
         correct += (out["logits"].argmax(1) == y).sum().item()
         seen += len(y)
     seconds = time.perf_counter() - start
-    stats = {name: total_ / seen for name, total_ in sums.items()}
+    names = list(sums)
+    *totals, correct, seen = sum_over_ranks([*(sums[n] for n in names), correct, seen], ranks)
+    stats = {name: total_ / seen for name, total_ in zip(names, totals)}
     stats.update(train_acc=correct / seen, seconds=seconds, images_per_s=seen / seconds)
     return stats
 
@@ -227,7 +246,7 @@ def fingerprint(*parts: Any) -> str:
 
     def feed(part: Any) -> None:
         if isinstance(part, Tensor):
-            h.update(part.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(part.detach().cpu().reshape(-1).view(torch.uint8).numpy())  # no copy of a mapped split
         elif isinstance(part, dict):
             for key in sorted(part):
                 h.update(str(key).encode())
@@ -270,9 +289,10 @@ def fit(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, sch
     restored with the weights anyway).
     """
     model.to(setup.device)
+    step_model = data_parallel(model, setup.ranks, setup.device)  # model itself for one process
     val = (resize_batch(val[0], setup.input_size), val[1])
     progress = _restore(model, optimizer, scheduler, setup)
-    live = _open_live(setup.live_dir)
+    live = _open_live(setup.live_dir if setup.ranks.main else None)
     for row in progress.history:  # a resumed run: DVC deleted the stage's outputs before rerunning it
         _log_live(live, row)
     steps = steps_per_epoch(len(train[0]), setup.batch_size)
@@ -282,8 +302,10 @@ def fit(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, sch
         lr = optimizer.param_groups[0]["lr"]
         generator = torch.Generator().manual_seed(setup.seed * 10_007 + epoch)  # shuffle + augment
         epoch_batches = (batches(epoch, generator) if batches is not None
-                         else iterate_batches(*train, setup, generator))
-        stats = train_one_epoch(model, loss_fn, optimizer, scheduler, epoch_batches, setup.device, total=steps)
+                         else iterate_batches(*train, setup, generator,
+                                         fresh_augmentation(generator, train[0].shape[-1], setup.augment)))
+        stats = train_one_epoch(step_model, loss_fn, optimizer, scheduler, epoch_batches, setup.device, steps,
+                                setup.ranks)
         if setup.bn_recalibration:
             recalibrate_bn(model, train[0], setup)
         val_stats = evaluate(model, *val, setup.mean, setup.std, setup.eval_batch_size, setup.device)
@@ -299,14 +321,14 @@ def fit(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, sch
                  row["images_per_s"])
         _log_live(live, row)
         stop = setup.patience > 0 and epoch - progress.best_epoch >= setup.patience
-        if setup.resume_path is not None and progress.next_epoch < setup.epochs and not stop:
+        if setup.resume_path is not None and setup.ranks.main and progress.next_epoch < setup.epochs and not stop:
             _save_resume(setup, model, optimizer, scheduler, progress)
         if stop:
             log.info("early stop: no val improvement for %d epochs", setup.patience)
             break
     if live is not None:
         live.end()
-    if setup.resume_path is not None:
+    if setup.resume_path is not None and setup.ranks.main:
         Path(setup.resume_path).unlink(missing_ok=True)  # done: a rerun must start from scratch
     model.load_state_dict(progress.best_state)
     return _result(progress)
@@ -387,7 +409,7 @@ def resume_file(live_dir: str | Path) -> Path:
 
 def setup_from_params(params: Any, info: Any, device: torch.device, epochs: int, seed: int,
                       live_dir: str | Path | None, fingerprint_: str, bn_recalibration: bool = True,
-                      input_size: int | None = None, select_best: bool = True) -> FitSetup:
+                      input_size: int | None = None, select_best: bool = True, ranks: Ranks = Ranks()) -> FitSetup:
     """FitSetup from params.yaml's `train` section and the stage's own seed stream.
 
     Without best-epoch selection there is nothing to stop early for, so `train.patience` is not read.
@@ -398,7 +420,7 @@ def setup_from_params(params: Any, info: Any, device: torch.device, epochs: int,
         patience=params.train.patience if select_best else 0,
         live_dir=live_dir, resume_path=None if live_dir is None else resume_file(live_dir),
         fingerprint=fingerprint_, bn_recalibration=bn_recalibration, input_size=input_size,
-        select_best=select_best, augment=params.train.augment,
+        select_best=select_best, augment=params.train.augment, ranks=ranks,
     )
 
 

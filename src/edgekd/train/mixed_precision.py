@@ -43,7 +43,7 @@ def kl_from(reference: Tensor, logits: Tensor) -> float:
 
 
 def layer_sensitivity(calibrated: torch.fx.GraphModule, fp32_logits: Tensor, labels: Tensor,
-                      batches: list[Tensor]) -> dict:
+                      batches: Iterable[Tensor]) -> dict:
     """Per layer: KL to FP32 and accuracy with its weights at 4 bits, and KL with its output at 16 bits;
     the all-INT8 model's figures as the reference. `batches`: the val inputs, normalised."""
     def score(model: nn.Module) -> tuple[float, float]:

@@ -10,13 +10,16 @@ logits are stored, and the student stages combine them (`combine_teachers`).
 
 Views are re-rendered from their seeds instead of stored (V x 40 MB of pixels at 64 px would fill
 the DVC cache); a hash of every view, taken when its targets were computed, makes a re-render that
-differs by one pixel fail loudly instead of training on mismatched targets.
+differs by one pixel fail loudly instead of training on mismatched targets. A view is its table of
+augmentation parameters (`view_parameters`, a few numbers an image): its pixels are rendered a batch
+at a time, on the training device, from the uint8 batch, so no stage ever holds a view in RAM.
 """
 
 from __future__ import annotations
 
 import hashlib
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -26,7 +29,7 @@ from tqdm import tqdm
 
 from edgekd.config import Params
 from edgekd.errors import UserError
-from edgekd.train.augment import augment_batch
+from edgekd.train.augment import apply_augmentation, draw_augmentation
 from edgekd.train.checkpoints import load_checkpoint, save_checkpoint
 from edgekd.train.engine import Batch, BatchSource, FitSetup, LossFn, iterate_batches, predict_logits
 from edgekd.train.losses import ce_loss_fn, confidence_ensemble, confidence_weights, kd_loss_fn, teacher_logits
@@ -34,15 +37,34 @@ from edgekd.train.losses import ce_loss_fn, confidence_ensemble, confidence_weig
 RENDER_CHUNK = 256  # images augmented per generator call; part of a view's definition
 
 
-def render_view(images: Tensor, seed: int, view: int, augment: str) -> Tensor:
-    """Augmented copy number `view` of uint8 images (N, 3, H, W); the same pixels on every call."""
+def view_parameters(images: Tensor, seed: int, view: int, augment: str) -> dict[str, Tensor]:
+    """The augmentation table (one row per image) of copy number `view` of uint8 images (N, 3, H, W):
+    the same on every call, drawn RENDER_CHUNK images per generator call."""
     generator = torch.Generator().manual_seed(seed * 7_919 + view)  # apart from fit's epoch seeds
-    return torch.cat([augment_batch(images[start:start + RENDER_CHUNK], generator, augment)
-                      for start in range(0, len(images), RENDER_CHUNK)])
+    side = images.shape[-1]
+    chunks = [draw_augmentation(min(RENDER_CHUNK, len(images) - start), side, generator, augment)
+              for start in range(0, len(images), RENDER_CHUNK)]
+    return {name: torch.cat([chunk[name] for chunk in chunks]) for name in chunks[0]}
 
 
-def pixel_hash(images: Tensor) -> str:
-    return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:16]
+def rows_of(params: dict[str, Tensor], rows: Tensor | slice) -> dict[str, Tensor]:
+    return {name: value[rows] for name, value in params.items()}
+
+
+def render_view(images: Tensor, params: dict[str, Tensor], augment: str, batch_size: int = RENDER_CHUNK,
+                device: torch.device = torch.device("cpu")) -> Iterator[Tensor]:
+    """The view's pixels, `batch_size` images at a time in image order, rendered on `device`."""
+    for start in range(0, len(images), batch_size):
+        rows = slice(start, start + batch_size)
+        yield apply_augmentation(images[rows].to(device), rows_of(params, rows), augment)
+
+
+def view_hash(images: Tensor, params: dict[str, Tensor], augment: str) -> str:
+    """Hash of a view's pixels in image order, rendered chunk by chunk (no view is ever held)."""
+    h = hashlib.sha256()
+    for pixels in render_view(images, params, augment):
+        h.update(pixels.cpu().contiguous().numpy())
+    return h.hexdigest()[:16]
 
 
 def compute_soft_targets(teachers: Sequence[nn.Module], images: Tensor, labels: Tensor, views: int,
@@ -55,9 +77,11 @@ def compute_soft_targets(teachers: Sequence[nn.Module], images: Tensor, labels: 
     """
     logits, hashes = [], []
     for view in tqdm(range(views), desc="soft targets", leave=False, disable=not sys.stderr.isatty()):
-        pixels = render_view(images, seed, view, augment)
-        hashes.append(pixel_hash(pixels))
-        logits.append(predict_logits(lambda x: teacher_logits(teachers, x), pixels, mean, std, batch_size, device))
+        params = view_parameters(images, seed, view, augment)
+        hashes.append(view_hash(images, params, augment))
+        logits.append(torch.cat([predict_logits(lambda x: teacher_logits(teachers, x), pixels, mean, std,
+                                                batch_size, device)
+                                 for pixels in render_view(images, params, augment, batch_size, device)]))
     return {"teacher_logits": torch.stack(logits), "view_hashes": hashes, "seed": seed, "augment": augment,
             "num_images": len(images)}
 
@@ -97,16 +121,21 @@ def load_soft_targets(path: str | Path, train: tuple[Tensor, Tensor], seed: int,
 
 def view_batches(images: Tensor, labels: Tensor, targets: dict,
                  setup: FitSetup) -> BatchSource:
-    """`fit`'s batch source for distillation: epoch e trains on view e mod V with its teacher logits."""
-    logits, hashes = targets["logits"], targets["view_hashes"]
+    """`fit`'s batch source for distillation: epoch e trains on view e mod V with its teacher logits,
+    each batch rendered from its rows of the view's table. Each view is checked against its hash
+    the first time it is used."""
+    logits, hashes, augment = targets["logits"], targets["view_hashes"], targets["augment"]
+    checked: set[int] = set()
 
     def batches(epoch: int, generator: torch.Generator) -> Iterator[Batch]:
         view = epoch % len(hashes)
-        pixels = render_view(images, targets["seed"], view, targets["augment"])
-        if pixel_hash(pixels) != hashes[view]:
+        params = view_parameters(images, targets["seed"], view, augment)
+        if view not in checked and view_hash(images, params, augment) != hashes[view]:
             raise UserError(f"view {view} renders differently from when its soft targets were computed "
                             "(augmentation code or library version changed); rerun the soft_targets stage")
-        yield from iterate_batches(pixels, labels, setup, generator, augment=False, teacher_logits=logits[view])
+        checked.add(view)
+        yield from iterate_batches(images, labels, setup, generator, partial(rows_of, params),
+                                   teacher_logits=logits[view])
 
     return batches
 
