@@ -388,6 +388,7 @@ def test_full_disk_fails_before_decoding(small_rice_tree, tmp_path, monkeypatch)
     cfg = DataConfig(image_size=128)  # 100 x 3 x 128 x 128 B = 4.7 MB, twice while it runs
     with pytest.raises(DataError, match=r"prepared: 1 MB free, but preparing 100 images .* needs 9 MB"):
         prepare_dataset(small_rice_tree, tmp_path / "prepared", cfg, seed=0)
+    assert not (tmp_path / "prepared").exists()
 
 
 def test_failed_prepare_leaves_no_staging_file(small_rice_tree, tmp_path):
@@ -397,7 +398,7 @@ def test_failed_prepare_leaves_no_staging_file(small_rice_tree, tmp_path):
     out = tmp_path / "prepared"
     with pytest.raises(DataError, match="Zeta has no readable images"):
         prepare_dataset(root, out, CFG, seed=0)
-    assert out.is_dir() and not (out / prepare_mod.STAGING_FILE).exists()
+    assert not out.exists()  # neither the staging file nor the folder this run created
 
 
 # ----------------------------------------------------------------------------- report

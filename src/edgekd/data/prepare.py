@@ -55,12 +55,13 @@ def prepare_dataset(root: str | Path, out_dir: str | Path, cfg: DataConfig, seed
     """Scan, decode, group, split and cache `root` into `out_dir`; returns the data report."""
     root, out_dir = Path(root), Path(out_dir)
     scan = scan_tree(root)
+    created = not out_dir.exists()  # removed again if this run fails: bad input leaves nothing behind
     out_dir.mkdir(parents=True, exist_ok=True)
-    check_cache_size(len(scan.files), cfg, out_dir)
-    log.info("prepare: %d files in %d classes under %s", len(scan.files), len(scan.classes),
-             scan.class_root)
     staging = out_dir / STAGING_FILE
     try:
+        check_cache_size(len(scan.files), cfg, out_dir)
+        log.info("prepare: %d files in %d classes under %s", len(scan.files), len(scan.classes),
+                 scan.class_root)
         pixels = np.lib.format.open_memmap(staging, "w+", np.uint8,
                                            (len(scan.files), cfg.image_size, cfg.image_size, 3))
         dec = decode_all(scan.files, cfg.image_size, cfg.max_image_pixels, pixels)
@@ -77,6 +78,10 @@ def prepare_dataset(root: str | Path, out_dir: str | Path, cfg: DataConfig, seed
                 raise DataError(f"data root {root}: too few images ({len(labels)}) to fill the "
                                 f"'{name}' split; add images or change data.{name}_fraction")
         write_prepared(out_dir, dec.images, rel, labels, groups, split, scan.classes, cfg.image_size)
+    except BaseException:
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     finally:
         staging.unlink(missing_ok=True)
     return data_report(scan, dec, rel, labels, split, dup_stats, groups, load_info(out_dir))
