@@ -15,6 +15,7 @@ from edgekd.deploy.sessions import make_runner
 from edgekd.errors import UserError
 from edgekd.eval.latency import measure_speed
 from edgekd.eval.metrics import classification_metrics, predict_all
+from edgekd.parallel import whole_machine
 from edgekd.plot_files import write_csv
 from edgekd.runtime import run_stage, write_metrics
 
@@ -50,10 +51,11 @@ def main() -> None:
     classes, labels = load_info(args.data).classes, labels.numpy()
 
     results, preds = {}, {}
-    for name, path in args.model:
-        results[name], preds[name] = measure(Path(path), images, labels, classes, p.bench)
-        log.info("evaluate %s: acc %.4f p50 %.3f ms size %d B", name, results[name]["accuracy"],
-                 results[name]["latency_p50_ms"], results[name]["size_bytes"])
+    with whole_machine():  # latency of one model at a time, never beside another experiment's stage
+        for name, path in args.model:
+            results[name], preds[name] = measure(Path(path), images, labels, classes, p.bench)
+            log.info("evaluate %s: acc %.4f p50 %.3f ms size %d B", name, results[name]["accuracy"],
+                     results[name]["latency_p50_ms"], results[name]["size_bytes"])
     if "fp32" in preds and "int8" in preds:
         results["int8_agreement"] = float((preds["fp32"] == preds["int8"]).mean())
     plots = Path(args.plots)

@@ -20,7 +20,7 @@ import dataclasses
 import logging
 
 from edgekd.config import load_params
-from edgekd.data.prepared import load_info, load_split, resize_batch
+from edgekd.data.prepared import load_info, load_split
 from edgekd.runtime import run_stage, seed_everything, select_device, write_metrics
 from edgekd.train import engine
 from edgekd.train.checkpoints import load_model, model_payload, save_checkpoint
@@ -63,7 +63,6 @@ def main() -> None:
     targets = (load_soft_targets(args.soft_targets, train, p.seed, p.train.augment, len(info.classes), p.kd.ensemble)
                if args.soft_targets else None)
     size = int(payload["image_size"])  # the student's own input side (student.image_size)
-    val = (resize_batch(val[0], size), val[1])  # once, for fit and the evaluations after it
     bits = read_bits(args.bits) if args.bits else {}
     model = prepare_qat(student, size)  # fake-quant; QAT always runs on CPU (FX kernels)
     if args.activation_bits == "16":
@@ -78,7 +77,7 @@ def main() -> None:
     t = p.train
     kd = (p.kd.temperature, p.kd.alpha, targets["logits"]) if targets else ()
     run_id = engine.fingerprint(p.qat.recipe(), *kd[:2], t.threads, t.batch_size, t.eval_batch_size,
-                                t.weight_decay, t.label_smoothing, p.student.seed, size, *kd[2:],
+                                t.weight_decay, t.label_smoothing, t.max_steps_per_epoch, p.student.seed, size, *kd[2:],
                                 *payload["state_dict"].values(), train[1], val[1],
                                 *([sorted(bits.items())] if bits else []),
                                 *([sorted(activation_bits.items())] if activation_bits else []))
@@ -90,16 +89,16 @@ def main() -> None:
     result = engine.train_model(model, loss_fn, p.qat.lr, t.weight_decay, train, val, setup, on_epoch_start,
                                 batches=batches)
     freeze_qat(model)
-    fake_quant_acc = engine.evaluate(model, *val, info.mean, info.std, t.eval_batch_size)["acc"]
+    fake_quant_acc = engine.evaluate(model, *val, info.mean, info.std, t.eval_batch_size, size=size)["acc"]
     # 16-bit activations have no integer torch kernels: such a model is measured as fake-quant only
     int8_acc = (None if wide_outputs(model) else
-                engine.evaluate(convert(model), *val, info.mean, info.std, t.eval_batch_size)["acc"])
+                engine.evaluate(convert(model), *val, info.mean, info.std, t.eval_batch_size, size=size)["acc"])
 
     save_checkpoint(args.out, model_payload(model, payload["model"], dataclasses.replace(info, image_size=size),
                                             qat=p.qat.recipe(), **({"weight_bits": bits} if bits else {}),
                                             **({"activation_bits": activation_bits} if activation_bits else {})))
     metrics = {"val_acc_fake_quant": fake_quant_acc, **({} if int8_acc is None else {"val_acc_int8_torch": int8_acc}),
-               "val_acc_fp32_start": engine.evaluate(student, *val, info.mean, info.std)["acc"],
+               "val_acc_fp32_start": engine.evaluate(student, *val, info.mean, info.std, size=size)["acc"],
                "epochs_run": result.epochs_run, "train_seconds": result.train_seconds}
     write_metrics(args.metrics, metrics)
     log.info("qat: val acc fp32 %.4f -> fake-quant %.4f, int8 torch %s", metrics["val_acc_fp32_start"],

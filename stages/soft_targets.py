@@ -17,7 +17,8 @@ from edgekd.runtime import run_stage, seed_everything, select_device, write_metr
 from edgekd.train.checkpoints import load_teachers
 from edgekd.train.engine import evaluate
 from edgekd.train.losses import ensemble_logits, prepare_teachers
-from edgekd.train.soft_targets import combine_teachers, compute_soft_targets, save_soft_targets
+from edgekd.train.soft_targets import (combine_teachers, compute_soft_targets, save_soft_targets, storage_rounding,
+    stored)
 
 log = logging.getLogger("edgekd")
 
@@ -44,7 +45,8 @@ def main() -> None:
     ensemble_val = evaluate(lambda x: ensemble_logits(teachers, x), *val, info.mean, info.std,
                             params.train.eval_batch_size, device)["acc"]
     schemes = ENSEMBLES if len(teachers) > 1 else ("mean",)  # confidence weights compare teachers
-    ensembles = {name: combine_teachers(targets["teacher_logits"], labels, name) for name in schemes}
+    saved = stored(targets)["teacher_logits"].float()  # what the students read
+    ensembles = {name: combine_teachers(saved, labels, name) for name in schemes}
     view_acc = {name: (logits.argmax(-1) == labels).float().mean().item() for name, (logits, _) in ensembles.items()}
 
     save_soft_targets(args.out, targets)
@@ -54,6 +56,7 @@ def main() -> None:
         # each ensemble's accuracy on the augmented training views (how much the targets themselves err)
         # and each teacher's mean weight in it over every view and image
         "ensemble_view_acc": view_acc,
+        **storage_rounding(targets["teacher_logits"], labels, schemes),
         "teacher_weights": {name: dict(zip(params.teachers.archs, weights.round(decimals=4).tolist()))
                             for name, (_, weights) in ensembles.items() if name != "mean"},
         "images_per_s": round(params.kd.views * len(images) / wall_s, 1), "wall_s": round(wall_s, 1)})

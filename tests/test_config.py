@@ -61,6 +61,7 @@ def test_a_value_in_the_file_replaces_the_dataclass_default(tmp_path):
         ("data.image_size", 16, ">= 32"),
         ("train.device", "tpu", "one of"),
         ("train.augment", "rotate", "one of"),
+        ("train.max_steps_per_epoch", 0, "null or >= 1"),
         ("student.width", "wide", "a finite number"),
         ("student.epochs", 2.5, "an integer"),
         ("data.val_fraction", 1.2, "0 < x < 1"),

@@ -23,6 +23,7 @@ from edgekd.data.prepared import SPLITS, channel_stats, load_info, load_split
 from edgekd.data.scan import scan_tree
 from edgekd.data.split import split_groups
 from edgekd.errors import DataError
+from tools.scale.memory import anon_bytes
 
 CFG = DataConfig(image_size=32)
 FRACTIONS = {"train": 0.65, "val": 0.15, "test": 0.2}
@@ -95,9 +96,8 @@ def test_malformed_prepared_split_is_a_clear_error(prepared_small, tmp_path):
 
 
 def _anon_memory_mb() -> float:
-    """RssAnon of this process (Linux): private pages a copy would add; mapped file pages do not count."""
-    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("RssAnon:"))
-    return int(line.split()[1]) / 1024
+    """RssAnon of this process: private pages a copy would add; mapped file pages do not count."""
+    return anon_bytes(os.getpid()) / 2**20
 
 
 def test_splits_are_memory_mapped_not_read_into_ram(tmp_path):

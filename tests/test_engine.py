@@ -160,3 +160,14 @@ def test_one_cycle_schedule_runs_to_its_end_at_any_length(total_steps):
     assert all(0 < lr <= 0.01 for lr in lrs) and lrs[-1] == min(lrs)  # decays to its end
     if total_steps >= 5:  # long enough for a warm-up step (0.2 of the steps)
         assert lrs[0] < max(lrs)
+
+
+def test_max_steps_caps_each_epoch_at_a_fresh_random_subset(data):
+    info, train, _ = data
+    capped = _setup(info, max_steps=2)
+    full = steps_per_epoch(len(train[0]), 16)
+    assert full > 2 and steps_per_epoch(len(train[0]), 16, 2) == 2
+    epochs = [list(iterate_batches(*train, capped, torch.Generator().manual_seed(e), augment=None)) for e in (0, 1)]
+    assert [len(batches) for batches in epochs] == [2, 2]
+    assert not torch.equal(epochs[0][0].y, epochs[1][0].y) or not torch.equal(epochs[0][0].x, epochs[1][0].x)
+    assert len(list(iterate_batches(*train, _setup(info), torch.Generator().manual_seed(0), augment=None))) == full

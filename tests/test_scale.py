@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
+from edgekd.config import load_params
 from tools.scale.memory import measure
+from tools.scale.throughput import memory_mapped_vs_in_ram
+
+REPO = Path(__file__).resolve().parents[1]
 
 MB = 2**20
 
@@ -35,3 +40,11 @@ def test_mapped_file_pages_are_not_anonymous(tmp_path):
         f.truncate(1024 * MB)
     run = measure([sys.executable, "-c", MAPPED, str(big)])
     assert run.returncode == 0 and run.peak_anon_bytes < 100 * MB
+
+
+def test_training_speed_is_compared_on_the_same_steps_from_both_sources(prepared_small):
+    params = load_params(REPO / "params.yaml")
+    speed = memory_mapped_vs_in_ram(prepared_small, params, {"student": ("mobilenet_v3_small", 0.25, 2)})
+    row = speed["student"]
+    assert row["memory_mapped"] > 0 and row["in_ram"] > 0 and (row["steps"], row["rounds"]) == (2, 3)
+    assert row["ratio"] == round(row["memory_mapped"] / row["in_ram"], 3)

@@ -9,6 +9,7 @@ from torch import nn
 from edgekd.data.prepared import load_info, load_split
 from edgekd.errors import UserError
 from edgekd.train.augment import apply_augmentation, draw_augmentation
+from edgekd.train.checkpoints import save_checkpoint
 from edgekd.train.engine import FitSetup
 from edgekd.train.losses import confidence_weights
 from edgekd.train.soft_targets import (
@@ -18,6 +19,7 @@ from edgekd.train.soft_targets import (
     load_soft_targets,
     render_view,
     save_soft_targets,
+    storage_rounding,
     view_batches,
     view_hash,
     view_parameters,
@@ -141,15 +143,32 @@ def test_mismatches_fail_loudly(sample, tmp_path):
     path = tmp_path / "soft.pt"
     save_soft_targets(path, targets)
     loaded = load_soft_targets(path, (images, labels), 7, "dihedral", len(info.classes), "mean")
-    assert torch.equal(loaded["logits"], targets["teacher_logits"][:, :, 0])
+    # stored as float16, read back as float32 for training
+    assert loaded["teacher_logits"].dtype == torch.float16 and loaded["logits"].dtype == torch.float32
+    assert torch.equal(loaded["logits"], targets["teacher_logits"][:, :, 0].half().float())
     with pytest.raises(UserError, match="soft.pt: soft targets were computed for other"):
         load_soft_targets(path, (images[:-1], labels[:-1]), 7, "dihedral", len(info.classes), "mean")
     with pytest.raises(UserError, match="rerun the soft_targets stage"):
         load_soft_targets(path, (images, labels), 8, "dihedral", len(info.classes), "mean")
     with pytest.raises(UserError, match="train.augment"):  # views rendered by another augmentation
         load_soft_targets(path, (images, labels), 7, "crop_flip", len(info.classes), "mean")
+    save_checkpoint(tmp_path / "float32.pt", targets)  # logits not in the stored format
+    with pytest.raises(UserError, match="float32.pt: .* stored in another format"):
+        load_soft_targets(tmp_path / "float32.pt", (images, labels), 7, "dihedral", len(info.classes), "mean")
     setup = FitSetup(epochs=1, batch_size=16, eval_batch_size=64, seed=7, mean=info.mean, std=info.std)
     altered = images.clone()
     altered[0] = 255 - altered[0]  # one image changed: the re-rendered view no longer matches its targets
     with pytest.raises(UserError, match="view 0 renders differently"):
         next(view_batches(altered, labels, loaded, setup)(0, torch.Generator().manual_seed(0)))
+
+
+def test_storage_rounding_reports_the_float16_error_and_flipped_top1():
+    logits = torch.randn(2, 50, 3, 4, generator=torch.Generator().manual_seed(0)) * 8  # (V, N, K, C)
+    labels = torch.arange(50) % 4
+    # one image whose classes 0 and 1 differ by less than float16 resolves at 1.0: its top-1 flips
+    logits[0, 0] = torch.tensor([1.0, 1.0001, -5.0, -5.0])
+    report = storage_rounding(logits, labels, ["mean", "confidence"])
+    assert report["stored_logit_max_error"] == pytest.approx((logits.half().float() - logits).abs().max().item(),
+                                                             abs=1e-6)
+    assert 0 < report["stored_logit_max_error"] <= logits.abs().max().item() * 2**-11
+    assert report["stored_top1_changed"]["mean"] == pytest.approx(1 / 100)

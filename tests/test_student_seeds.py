@@ -12,7 +12,7 @@ from torch import nn
 from edgekd.data.prepared import load_info, load_split, normalize
 from edgekd.train.soft_targets import compute_soft_targets, save_soft_targets
 from tools.studies import student_seeds
-from tools.studies.student_seeds import dihedral_mean, run_seed, with_overrides
+from tools.studies.student_seeds import dihedral_mean, read_targets, run_seed, with_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,10 +95,11 @@ def test_one_seed_distils_from_stored_soft_targets_with_the_given_alpha(prepared
     teacher = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, len(info.classes))).eval()
     raw = with_overrides(REPO / "params.yaml", None, Path("unused"))
     raw["student"] = {**raw["student"], "epochs": 2}
-    targets = tmp_path / "soft_targets.pt"
-    save_soft_targets(targets, compute_soft_targets([teacher], images, labels, views=2, seed=raw["seed"], augment="dihedral",
+    path = tmp_path / "soft_targets.pt"
+    save_soft_targets(path, compute_soft_targets([teacher], images, labels, views=2, seed=raw["seed"], augment="dihedral",
                                                     mean=info.mean, std=info.std, batch_size=64,
                                                     device=torch.device("cpu")))
+    targets = read_targets(raw, prepared_small, path)
 
     def distil(alpha: float) -> dict:
         return run_seed({**raw, "kd": {**raw["kd"], "alpha": alpha}}, 5, prepared_small, torch.device("cpu"), targets)

@@ -66,6 +66,12 @@ def test_teacher_baseline_distill_stages(prepared_small, tmp_path):
     per_teacher, (_, train_labels) = targets["teacher_logits"], load_split(prepared_small, "train")
     assert soft["views"] == 3 and len(targets["view_hashes"]) == 3
     assert per_teacher.shape == (3, len(train_labels), 2, 5) and not torch.equal(per_teacher[0], per_teacher[1])
+    assert per_teacher.dtype == torch.float16
+    per_teacher = per_teacher.float()
+    # the float16 rounding is reported: under 2^-11 of the largest logit, and it flips few top-1s
+    assert 0 < soft["stored_logit_max_error"] <= per_teacher.abs().max().item() * 2**-11
+    assert set(soft["stored_top1_changed"]) == {"mean", "confidence"}
+    assert max(soft["stored_top1_changed"].values()) < 0.01
     # the accuracy on the views is that of each ensemble of the stored logits against the train labels
     for scheme in ("mean", "confidence"):
         logits = combine_teachers(per_teacher, train_labels, scheme)[0]

@@ -105,6 +105,7 @@ class TrainConfig(_Recorded):
     label_smoothing: float = 0.1  # as in the seed framework
     patience: int = 0  # early stopping on val accuracy; 0 = off
     augment: str = "dihedral"  # one of AUGMENTATIONS (edgekd.train.augment)
+    max_steps_per_epoch: int | None = None  # None = the whole train split every epoch
 
     def check(self) -> None:
         _require(self.device in DEVICES, "train.device", self.device, f"one of {list(DEVICES)}")
@@ -116,6 +117,8 @@ class TrainConfig(_Recorded):
                  "0 <= x < 1")
         _require(self.patience >= 0, "train.patience", self.patience, ">= 0")
         _require(self.augment in AUGMENTATIONS, "train.augment", self.augment, f"one of {list(AUGMENTATIONS)}")
+        _require(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1, "train.max_steps_per_epoch",
+                 self.max_steps_per_epoch, "null or >= 1")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import torch
 
 from edgekd import config
 from edgekd.errors import UserError
+from edgekd.parallel import claim_slot
 
 log = logging.getLogger("edgekd")
 
@@ -55,13 +56,19 @@ def configure_determinism() -> None:
 
 
 def select_device(name: str, threads: int) -> torch.device:
-    """`auto` picks CUDA when present; on CPU the thread count is set explicitly for repeatability."""
+    """`auto` picks CUDA when present; on CPU the thread count is set explicitly for repeatability.
+    With several experiments on the machine (edgekd.parallel), first waits for this run's slot: its
+    cores, and its GPU."""
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("params: train.device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    slot = claim_slot(torch.cuda.device_count() if name == "cuda" else 0)
     if name == "cpu":
         torch.set_num_threads(threads)
+    if slot is not None and slot.gpu is not None:
+        torch.cuda.set_device(slot.gpu)
+        return torch.device("cuda", slot.gpu)
     return torch.device(name)
 
 

@@ -17,7 +17,7 @@ import torch
 
 from edgekd.config import Params, StudentConfig
 from edgekd.data.images import load_image
-from edgekd.data.prepared import ModelInputs, load_info, load_split, normalize
+from edgekd.data.prepared import ModelInputs, load_info, load_split
 from edgekd.deploy.export import read_metadata
 from edgekd.deploy.sessions import make_runner
 from edgekd.eval.latency import measure_speed
@@ -94,15 +94,16 @@ def onnx_float_params(path: Path) -> int:
     return int(sum(np.prod(t.dims) for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT))
 
 
-def seed_inputs(prepared: Path, root: Path, seed_cfg: dict, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
-    """Test images decoded again at the seed models' own size and normalisation."""
+def seed_inputs(prepared: Path, root: Path, seed_cfg: dict, max_pixels: int) -> tuple[ModelInputs, np.ndarray]:
+    """Test images decoded again at the seed models' own size, normalised a batch at a time as they
+    expect (uint8 held, 4x less than floats)."""
     info = load_info(prepared)
     manifest = pd.read_csv(prepared / "test.csv")
     size = int(seed_cfg["image_size"])
     images = np.stack([load_image(root / p, size, max_pixels) for p in manifest["path"]])  # (N, H, W, 3)
-    x = normalize(torch.from_numpy(images).permute(0, 3, 1, 2), seed_cfg["mean"], seed_cfg["std"])
+    x = ModelInputs(torch.from_numpy(images).permute(0, 3, 1, 2), None, seed_cfg["mean"], seed_cfg["std"])
     labels = manifest["class"].map({c: i for i, c in enumerate(info.classes)}).to_numpy()
-    return x.numpy(), labels
+    return x, labels
 
 
 def main_rows(params: Params, repo: Path, main_eval: dict, seed_cfg: dict | None,

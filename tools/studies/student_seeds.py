@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from edgekd.config import Params, as_dict, params_from_dict
 from edgekd.data.prepare import prepare_dataset
-from edgekd.data.prepared import load_info, load_split, resize_batch
+from edgekd.data.prepared import load_info, load_split
 from edgekd.runtime import seed_everything, select_device
 from edgekd.train.engine import predict_logits, setup_from_params, train_model
 from edgekd.train.models import build_model
@@ -62,23 +62,30 @@ def recipe(params: Params, distilled: bool) -> str:
     return f"CE + KD (alpha {params.kd.alpha}, T {params.kd.temperature})" if distilled else "CE"
 
 
-def run_seed(raw: dict, seed: int, data: Path, device: torch.device, soft_targets: Path | None = None) -> dict:
+def read_targets(raw: dict, data: Path, soft_targets: Path | None) -> dict | None:
+    """A `soft_targets` file checked against the prepared train split and combined as params say
+    (the views were rendered with the params' seed, not the student's)."""
+    if soft_targets is None:
+        return None
+    params = params_from_dict(raw)
+    return load_soft_targets(soft_targets, load_split(data, "train"), params.seed, params.train.augment,
+                             len(load_info(data).classes), params.kd.ensemble)
+
+
+def run_seed(raw: dict, seed: int, data: Path, device: torch.device, targets: dict | None = None) -> dict:
+    """The student recipe with seed `seed`: CE alone, or CE + KD on `targets` (`load_soft_targets`)."""
     params = params_from_dict({**copy.deepcopy(raw), "student": {**raw["student"], "seed": seed}})
     seed_everything(seed)
     info, train, val = load_info(data), load_split(data, "train"), load_split(data, "val")
     cfg = params.student
     model = build_model(cfg.arch, len(info.classes), cfg.width)
     setup = setup_from_params(params, info, device, cfg.epochs, seed, None, "", input_size=cfg.image_size)
-    # the views were rendered with the params' seed, not the student's
-    targets = None if soft_targets is None else load_soft_targets(soft_targets, train, params.seed,
-                                                                   params.train.augment, len(info.classes),
-                                                                   params.kd.ensemble)
     loss_fn, batches = student_objective(params, train, setup, targets)
     start = time.perf_counter()
     result = train_model(model, loss_fn, cfg.lr, params.train.weight_decay, train, val, setup, batches=batches)
     model.eval()
-    tta = predict_logits(dihedral_mean(model), resize_batch(val[0], cfg.image_size), info.mean, info.std,
-                         setup.eval_batch_size, device)
+    tta = predict_logits(dihedral_mean(model), val[0], info.mean, info.std, setup.eval_batch_size, device,
+                         cfg.image_size)
     return {"seed": seed, "best_epoch": result.best_epoch + 1, "val_acc": round(result.best_val_acc, 4),
             "last_epoch_val_acc": round(result.history[-1]["val_acc"], 4),
             "tta8_val_acc": round((tta.argmax(1) == val[1]).float().mean().item(), 4),
@@ -104,8 +111,9 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         prepare_dataset(params.data.root, tmp, params.data, params.seed)
+        targets = read_targets(raw, Path(tmp), args.soft_targets)
         for seed in args.seeds:
-            rows.append(run_seed(raw, seed, Path(tmp), device, args.soft_targets))
+            rows.append(run_seed(raw, seed, Path(tmp), device, targets))
             print(json.dumps(rows[-1]), flush=True)
     summary = {key: {"mean": round(statistics.mean(r[key] for r in rows), 4),
                      "min": min(r[key] for r in rows), "max": max(r[key] for r in rows)}

@@ -47,6 +47,11 @@ def draw_augmentation(n: int, side: int, generator: torch.Generator, kind: str) 
             "factors": _uniform(generator, n, 3, 1 - JITTER, 1 + JITTER)}
 
 
+def rows_of(table: dict[str, Tensor], rows: Tensor | slice) -> dict[str, Tensor]:
+    """The augmentation table of a subset of its images (`rows` index every column alike)."""
+    return {name: column[rows] for name, column in table.items()}
+
+
 def apply_augmentation(images: Tensor, params: dict[str, Tensor], kind: str) -> Tensor:
     """Square uint8 (B, 3, H, W) -> uint8 (B, 3, H, W) transformed by the B rows of a
     `draw_augmentation` table, on the images' device; each sample's pixels depend on its own row

@@ -25,7 +25,7 @@ from torch.ao.quantization import FakeQuantizeBase
 from tqdm import tqdm
 
 from edgekd.data.prepared import normalize, resize_batch
-from edgekd.train.augment import apply_augmentation, draw_augmentation
+from edgekd.train.augment import apply_augmentation, draw_augmentation, rows_of
 from edgekd.train.checkpoints import load_checkpoint, save_checkpoint
 from edgekd.train.distributed import Ranks, data_parallel, sum_over_ranks
 from edgekd.train.models import count_params
@@ -61,6 +61,7 @@ class FitSetup:
     bn_recalibration: bool = True  # re-estimate BN statistics before each validation (see below)
     input_size: int | None = None  # model input side; images are augmented at cache size, then resized
     augment: str = "dihedral"  # train.augment
+    max_steps: int | None = None  # train.max_steps_per_epoch: an epoch is a random subset of this many batches
     # True: keep the best-val epoch. False: keep the last one, for QAT, whose BN/observer freeze
     # schedule must reach the weights that are exported (an earlier best-val epoch predates it).
     select_best: bool = True
@@ -97,9 +98,10 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, epochs: int
     return optimizer, scheduler
 
 
-def steps_per_epoch(num_images: int, batch_size: int) -> int:
-    """Full batches only (a last batch of 1-2 images gives noisy BN statistics); at least one."""
-    return max(1, num_images // batch_size)
+def steps_per_epoch(num_images: int, batch_size: int, max_steps: int | None = None) -> int:
+    """Full batches only (a last batch of 1-2 images gives noisy BN statistics); at least one, at
+    most `max_steps` (train.max_steps_per_epoch: epochs of a fixed cost on a split of any size)."""
+    return min(max(1, num_images // batch_size), max_steps or num_images)
 
 
 Augmentation = Callable[[Tensor], dict[str, Tensor]]  # a batch's rows -> its augmentation table
@@ -120,13 +122,13 @@ def iterate_batches(images: Tensor, labels: Tensor, setup: FitSetup, generator: 
     order = torch.randperm(len(images), generator=generator)
     batch = min(setup.batch_size, len(images))
     share = slice(setup.ranks.rank, None, setup.ranks.world)
-    for step in range(steps_per_epoch(len(images), setup.batch_size)):
+    for step in range(steps_per_epoch(len(images), setup.batch_size, setup.max_steps)):
         idx = order[step * batch:(step + 1) * batch]
         table = None if augment is None else augment(idx)  # drawn for the global batch on every rank
         idx = idx[share]
         x = images[idx].to(setup.device)  # uint8 crosses to the GPU: 4x less to copy, augmented there
         if table is not None:
-            x = apply_augmentation(x, {name: rows[share] for name, rows in table.items()}, setup.augment)
+            x = apply_augmentation(x, rows_of(table, share), setup.augment)
         x = resize_batch(x, setup.input_size)
         soft = None if teacher_logits is None else teacher_logits[idx].to(setup.device)
         yield Batch(normalize(x, setup.mean, setup.std), labels[idx].to(setup.device), soft)
@@ -188,21 +190,23 @@ def evaluation_mode(model: Callable[[Tensor], Tensor]) -> Iterator[None]:
 
 
 def predict_logits(fn: Callable[[Tensor], Tensor], images: Tensor, mean: Sequence[float],
-                   std: Sequence[float], batch_size: int, device: torch.device) -> Tensor:
-    """Logits (N, C) for uint8 images (N, 3, H, W), without augmentation, on CPU."""
+                   std: Sequence[float], batch_size: int, device: torch.device, size: int | None = None) -> Tensor:
+    """Logits (N, C) for uint8 images (N, 3, H, W), without augmentation, on CPU; each batch resized
+    to the model's input side `size` on the device (None: as cached), so no resized split is held."""
     outs = []
     with evaluation_mode(fn), torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            x = normalize(images[start:start + batch_size].to(device), mean, std)
+            x = normalize(resize_batch(images[start:start + batch_size].to(device), size), mean, std)
             outs.append(fn(x).float().cpu())
     return torch.cat(outs)
 
 
 def evaluate(model: Callable[[Tensor], Tensor], images: Tensor, labels: Tensor, mean: Sequence[float],
-             std: Sequence[float], batch_size: int = 256,
-             device: torch.device = torch.device("cpu")) -> dict[str, float]:
-    """Accuracy and plain (unsmoothed) cross-entropy of a model or any logits callable."""
-    logits = predict_logits(model, images, mean, std, batch_size, device)
+             std: Sequence[float], batch_size: int = 256, device: torch.device = torch.device("cpu"),
+             size: int | None = None) -> dict[str, float]:
+    """Accuracy and plain (unsmoothed) cross-entropy of a model or any logits callable, on
+    `images` resized to its input side `size` (None: as cached)."""
+    logits = predict_logits(model, images, mean, std, batch_size, device, size)
     return {
         "acc": (logits.argmax(1) == labels).float().mean().item(),
         "loss": nn.functional.cross_entropy(logits, labels).item(),
@@ -281,7 +285,7 @@ def fit(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, sch
     `batches(epoch, generator)` replaces the default source (augmented `train` batches), e.g. with
     the stored views and teacher logits of distillation; `train` then serves BN re-estimation only.
     All images come at the cached size; `setup.input_size` downscales every batch after augmentation
-    (and val once), so a smaller student trains on exactly the views its teachers labelled.
+    (and every val batch), so a smaller student trains on exactly the views its teachers labelled.
 
     `on_epoch_start(epoch)` runs before every epoch this process trains, e.g. QAT freezing BN or
     observers. After a resume it is first called with the resumed epoch, never with earlier ones,
@@ -290,12 +294,11 @@ def fit(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, sch
     """
     model.to(setup.device)
     step_model = data_parallel(model, setup.ranks, setup.device)  # model itself for one process
-    val = (resize_batch(val[0], setup.input_size), val[1])
     progress = _restore(model, optimizer, scheduler, setup)
     live = _open_live(setup.live_dir if setup.ranks.main else None)
     for row in progress.history:  # a resumed run: DVC deleted the stage's outputs before rerunning it
         _log_live(live, row)
-    steps = steps_per_epoch(len(train[0]), setup.batch_size)
+    steps = steps_per_epoch(len(train[0]), setup.batch_size, setup.max_steps)
     for epoch in range(progress.next_epoch, setup.epochs):
         if on_epoch_start is not None:
             on_epoch_start(epoch)
@@ -308,7 +311,8 @@ def fit(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, sch
                                 setup.ranks)
         if setup.bn_recalibration:
             recalibrate_bn(model, train[0], setup)
-        val_stats = evaluate(model, *val, setup.mean, setup.std, setup.eval_batch_size, setup.device)
+        val_stats = evaluate(model, *val, setup.mean, setup.std, setup.eval_batch_size, setup.device,
+                             setup.input_size)
         row = {"epoch": epoch, **stats, "val_acc": val_stats["acc"], "val_loss": val_stats["loss"], "lr": lr}
         progress.history.append(row)
         # Ties keep the earlier, less trained epoch; without selection every epoch replaces the last.
@@ -420,7 +424,8 @@ def setup_from_params(params: Any, info: Any, device: torch.device, epochs: int,
         patience=params.train.patience if select_best else 0,
         live_dir=live_dir, resume_path=None if live_dir is None else resume_file(live_dir),
         fingerprint=fingerprint_, bn_recalibration=bn_recalibration, input_size=input_size,
-        select_best=select_best, augment=params.train.augment, ranks=ranks,
+        select_best=select_best, augment=params.train.augment, max_steps=params.train.max_steps_per_epoch,
+        ranks=ranks,
     )
 
 
@@ -428,7 +433,7 @@ def train_model(model: nn.Module, loss_fn: LossFn, lr: float, weight_decay: floa
                 train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], setup: FitSetup,
                 on_epoch_start: Callable[[int], None] | None = None, batches: BatchSource | None = None) -> FitResult:
     """`fit` with this project's optimizer and schedule (AdamW + OneCycle)."""
-    steps = steps_per_epoch(len(train[0]), setup.batch_size)
+    steps = steps_per_epoch(len(train[0]), setup.batch_size, setup.max_steps)
     optimizer, scheduler = make_optimizer(model, lr, weight_decay, setup.epochs, steps)
     return fit(model, loss_fn, optimizer, scheduler, train, val, setup, on_epoch_start, batches)
 

@@ -8,6 +8,11 @@ arXiv:2112.01528). The student then trains at its own speed for many more epochs
 `student.*`, `kd.temperature` or `kd.ensemble` experiment never runs a teacher: each teacher's
 logits are stored, and the student stages combine them (`combine_teachers`).
 
+The logits are stored as float16 (STORED_DTYPE), half the file and the RAM of float32: its
+rounding, at most 2^-11 of a logit, is far below what a temperature-softened target resolves, and
+the soft_targets stage reports the largest rounding error and how often the ensemble's top-1 on
+the views changed.
+
 Views are re-rendered from their seeds instead of stored (V x 40 MB of pixels at 64 px would fill
 the DVC cache); a hash of every view, taken when its targets were computed, makes a re-render that
 differs by one pixel fail loudly instead of training on mismatched targets. A view is its table of
@@ -29,12 +34,13 @@ from tqdm import tqdm
 
 from edgekd.config import Params
 from edgekd.errors import UserError
-from edgekd.train.augment import apply_augmentation, draw_augmentation
+from edgekd.train.augment import apply_augmentation, draw_augmentation, rows_of
 from edgekd.train.checkpoints import load_checkpoint, save_checkpoint
 from edgekd.train.engine import Batch, BatchSource, FitSetup, LossFn, iterate_batches, predict_logits
 from edgekd.train.losses import ce_loss_fn, confidence_ensemble, confidence_weights, kd_loss_fn, teacher_logits
 
 RENDER_CHUNK = 256  # images augmented per generator call; part of a view's definition
+STORED_DTYPE = torch.float16  # of the stored teacher logits
 
 
 def view_parameters(images: Tensor, seed: int, view: int, augment: str) -> dict[str, Tensor]:
@@ -45,10 +51,6 @@ def view_parameters(images: Tensor, seed: int, view: int, augment: str) -> dict[
     chunks = [draw_augmentation(min(RENDER_CHUNK, len(images) - start), side, generator, augment)
               for start in range(0, len(images), RENDER_CHUNK)]
     return {name: torch.cat([chunk[name] for chunk in chunks]) for name in chunks[0]}
-
-
-def rows_of(params: dict[str, Tensor], rows: Tensor | slice) -> dict[str, Tensor]:
-    return {name: value[rows] for name, value in params.items()}
 
 
 def render_view(images: Tensor, params: dict[str, Tensor], augment: str, batch_size: int = RENDER_CHUNK,
@@ -70,7 +72,8 @@ def view_hash(images: Tensor, params: dict[str, Tensor], augment: str) -> str:
 def compute_soft_targets(teachers: Sequence[nn.Module], images: Tensor, labels: Tensor, views: int,
                          seed: int, augment: str, mean: Sequence[float], std: Sequence[float],
                          batch_size: int, device: torch.device) -> dict:
-    """Every teacher's logits (V, N, K, C) on every view and the views' pixel hashes.
+    """Every teacher's float32 logits (V, N, K, C) on every view and the views' pixel hashes
+    (`stored` rounds them to what is saved).
 
     Each teacher's logits are kept, not their combination, so that how they are combined
     (kd.ensemble, `combine_teachers`) is a student-side choice: switching it reruns no teacher.
@@ -86,6 +89,11 @@ def compute_soft_targets(teachers: Sequence[nn.Module], images: Tensor, labels: 
             "num_images": len(images)}
 
 
+def stored(targets: dict) -> dict:
+    """The soft targets as saved: the teacher logits rounded to STORED_DTYPE."""
+    return {**targets, "teacher_logits": targets["teacher_logits"].to(STORED_DTYPE)}
+
+
 def combine_teachers(teacher_logits: Tensor, labels: Tensor, ensemble: str) -> tuple[Tensor, Tensor]:
     """The soft targets (V, N, C) of teacher logits (V, N, K, C) under kd.ensemble, and each teacher's
     mean weight (K,). "mean" averages the teachers' logits; "confidence" weights each teacher per
@@ -98,24 +106,34 @@ def combine_teachers(teacher_logits: Tensor, labels: Tensor, ensemble: str) -> t
             confidence_weights(flat, flat_labels).mean(dim=0))
 
 
+def storage_rounding(teacher_logits: Tensor, labels: Tensor, schemes: Sequence[str]) -> dict:
+    """What storing float32 teacher logits (V, N, K, C) as STORED_DTYPE costs: the largest absolute
+    rounding error of a logit, and per ensemble scheme the share of view images whose top-1 it changes."""
+    saved = teacher_logits.to(STORED_DTYPE).float()
+    top1 = {name: (combine_teachers(saved, labels, name)[0].argmax(-1)
+                   != combine_teachers(teacher_logits, labels, name)[0].argmax(-1)).float().mean().item()
+            for name in schemes}
+    return {"stored_logit_max_error": round((saved - teacher_logits).abs().max().item(), 6),
+            "stored_top1_changed": top1}
+
+
 def save_soft_targets(path: str | Path, targets: dict) -> None:
-    save_checkpoint(path, targets)
+    save_checkpoint(path, stored(targets))
 
 
 def load_soft_targets(path: str | Path, train: tuple[Tensor, Tensor], seed: int, augment: str,
                       num_classes: int, ensemble: str) -> dict:
     """The stored teacher logits, checked against the training images, seed and augmentation they
-    must belong to, combined under `ensemble` into `logits` (V, N, C)."""
+    must belong to, combined under `ensemble` into float32 `logits` (V, N, C)."""
     images, labels = train
     targets = load_checkpoint(path)
     logits = targets.get("teacher_logits")
-    if (not isinstance(logits, Tensor) or logits.ndim != 4 or targets.get("num_images") != len(images)
+    if (not isinstance(logits, Tensor) or logits.dtype != STORED_DTYPE or logits.ndim != 4 or targets.get("num_images") != len(images)
             or logits.shape[1] != len(images) or logits.shape[3] != num_classes or targets.get("seed") != seed
             or targets.get("augment") != augment):
         raise UserError(f"{path}: soft targets were computed for other training data, classes, seed or "
-                        "train.augment; "
-                        "rerun the soft_targets stage")
-    targets["logits"], targets["teacher_weights"] = combine_teachers(logits, labels, ensemble)
+                        "train.augment, or stored in another format; rerun the soft_targets stage")
+    targets["logits"], targets["teacher_weights"] = combine_teachers(logits.float(), labels, ensemble)
     return targets
 
 
