@@ -40,10 +40,12 @@ MB = 2**20
 # Short training for the whole-pipeline runs: what is measured is each stage's memory against the
 # image count, so every epoch is a fixed 20 batches (train.max_steps_per_epoch) and every
 # whole-split pass (validation, soft targets on one view, calibration, export checks, evaluation)
-# runs on the full split.
+# runs on the full split. Models of 20 steps have near-tied logits, which flip top-1 between the
+# two integer engines: the export gates are set not to stop the run (they are measured, not tested).
 PIPELINE_PARAMS = {"teachers": {"epochs": 1}, "student": {"epochs": 1}, "kd": {"views": 1},
                    "qat": {"epochs": 2, "freeze_bn_epoch": 1, "freeze_observer_epoch": 1},
-                   "train": {"max_steps_per_epoch": 20}}
+                   "train": {"max_steps_per_epoch": 20},
+                   "export": {"int8_logit_tolerance_steps": 10**6, "min_int8_agreement": 0.0}}
 
 
 def demo_tree(work: Path, images: int, largest: int) -> Path:
@@ -115,9 +117,9 @@ def pipeline_run(work: Path, root: Path, image_size: int) -> list[dict]:
     stages = [stage for stage in Repo(str(space)).index.stages if stage.cmd]  # dvc.yaml order: upstream first
     runs = []
     for stage in stages:
-        seconds, peak_mb = measured_stage(shlex.split(stage.cmd), space / f"{stage.addressing}.log", space)
-        runs.append({"stage": stage.addressing, "seconds": seconds, "peak_anon_mb": peak_mb})
-        log.info("scale: %s on %s: %.0f s, %.0f MB", stage.addressing, root.name, seconds, peak_mb)
+        seconds, peak_mb = measured_stage(shlex.split(stage.cmd), space / f"{stage.name}.log", space)
+        runs.append({"stage": stage.name, "seconds": seconds, "peak_anon_mb": peak_mb})
+        log.info("scale: %s on %s: %.0f s, %.0f MB", stage.name, root.name, seconds, peak_mb)
     shutil.rmtree(space)
     return runs
 
