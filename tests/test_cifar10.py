@@ -42,11 +42,14 @@ def _stage(module: str, *args) -> None:
 
 
 def test_mobilenet_v2_with_a_small_stem_trains_quantizes_and_passes_the_export_gates(prepared_cifar, tmp_path):
-    # Trained enough for the tiny export tolerances: after 1 epoch (and 1 of QAT) this 17-block network's
-    # logits are near ties, and the INT8 file's rounding noise (56 steps) flips half its answers;
-    # after 15 + 3 epochs it is 33 steps, 0.86 agreement on val (measured).
+    # After 1 epoch (and 1 of QAT) this 17-block network's logits are near ties and the INT8 file's
+    # rounding noise (56 output steps) flips half its answers; after 15 + 3 epochs it is 33 steps,
+    # inside the tiny logit tolerance (48). Its val accuracy is still 16-20 % on 300 images, so
+    # top-1 agreement between the two integer engines stays a property of the CPU's kernels
+    # (measured: 0.86 on an AVX2 EPYC, 0.70 on an AMX Xeon): here the logit gate is the sharp one.
+    gates = {**TINY_OVERRIDES["export"], "min_int8_agreement": 0.5}
     raw = deep_update(yaml.safe_load((REPO / "params.yaml").read_text()), {
-        "export": TINY_OVERRIDES["export"], "train": {"batch_size": 32},
+        "export": gates, "train": {"batch_size": 32},
         "qat": {"epochs": 3, "freeze_bn_epoch": 2, "freeze_observer_epoch": 2},
         "student": {"arch": "mobilenet_v2", "width": 0.25, "stem": "small", "epochs": 15}})
     params = tmp_path / "params.yaml"
@@ -69,7 +72,8 @@ def test_mobilenet_v2_with_a_small_stem_trains_quantizes_and_passes_the_export_g
         assert list(strides) == [1, 1]  # the small stem: no downsampling in the first conv
     # The INT8 file passed the gates against the integer torch model, and runs as integer kernels.
     export = json.loads((m / "export.json").read_text())["int8"]
-    assert export["parity_int8_torch"]["top1_agreement"] >= TINY_OVERRIDES["export"]["min_int8_agreement"]
+    assert export["parity_int8_torch"]["max_abs_diff_steps"] <= gates["int8_logit_tolerance_steps"]
+    assert export["parity_int8_torch"]["top1_agreement"] >= gates["min_int8_agreement"]
     kernels = conv_kernels(m / "int8.onnx")
     assert kernels["integer"] > kernels["float"] == 0
     # 1 byte per weight instead of 4; per-channel scales and the Q/DQ graph add the rest (0.36x here)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -262,12 +263,16 @@ def test_16bit_outputs_are_stored_as_uint16_and_the_file_follows_the_fake_quant_
                    and int(inits[n.input[2]]) == int(fake_quant.zero_point) for n in sixteen)
     # 16-bit tensors leave the convs writing and reading them in float, and only those
     assert 2 <= float_convs_expected(path) <= 4
-    checks = check_int8_export(None, model, path, val_x, BRIEF_MODEL_GATES)
+    # Calibrated, not trained with fake-quant: on these 15 images its top-1 margins go down to 3
+    # output steps, and the file's integer rounding, 10 steps from fake-quant's, flips up to 2
+    # answers (measured on an AMX Xeon; none on an AVX2 EPYC). Logits within 16 steps is the sharp test.
+    gates = dataclasses.replace(BRIEF_MODEL_GATES, min_int8_agreement=0.8)
+    checks = check_int8_export(None, model, path, val_x, gates)
     assert checks["conv_kernels"]["float"] == float_convs_expected(path)
-    assert checks["parity_fake_quant"]["top1_agreement"] >= 0.97
+    assert checks["parity_fake_quant"]["max_abs_diff"] <= 16 * output_step(path)
     # a model that is not the file's fails the gate
     other = copy.deepcopy(model)
     with torch.no_grad():
         other.get_submodule(layers[-1]).weight.neg_()
     with pytest.raises(UserError, match="a16.onnx: top-1 agreement with the fake-quant model"):
-        check_int8_export(None, other, path, val_x, BRIEF_MODEL_GATES)
+        check_int8_export(None, other, path, val_x, gates)
