@@ -32,6 +32,7 @@ from edgekd.data.demo import VARIETIES, generate
 from edgekd.runtime import run_stage
 from tools.machine import code_commit, machine_info
 from tools.scale.memory import measure
+from tools.scale.report import write_report
 from tools.scale.throughput import memory_mapped_vs_in_ram
 
 log = logging.getLogger("edgekd")
@@ -124,61 +125,6 @@ def pipeline_run(work: Path, root: Path, image_size: int) -> list[dict]:
     return runs
 
 
-def write_report(results: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "scale.json").write_text(json.dumps(results, indent=2) + "\n")
-    m = results["machine"]
-    lines = [
-        "# Scale: memory and time against the image count",
-        "",
-        f"Command: `{results['command']}` at commit `{results['commit']}`, on {m['cpu']} "
-        f"({m['cores']} cores, {', '.join(m['simd']) or 'no AVX2'}).",
-        "",
-        "Peak anonymous memory is `RssAnon` summed over a stage's process and every process it starts "
-        "(decoding workers), sampled every 0.1 s: what the stage copied or computed. Pages of the "
-        "memory-mapped splits are file cache and not in it. The demo trees are the demo generator's "
-        "250x250 grains; the smaller trees are the first images per class of the largest.",
-        "",
-        "## `prepare`",
-        "",
-        "The decoded cache is the size of the split arrays on disk; the stage needs twice that free while "
-        "it runs.",
-        "",
-        "| data | images | image size | time | images/s | peak anonymous memory | decoded cache |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in results["runs"]:
-        lines.append(f"| {r['data']} | {r['images']} | {r['image_size']} px | {r['seconds']:.0f} s | "
-                     f"{r['images_per_s']:.0f} | {r['peak_anon_mb']:.0f} MB | {r['cache_mb']:.0f} MB |")
-    pipelines = results["pipelines"]
-    if pipelines:
-        names = list(pipelines)
-        lines += ["", f"## Every stage, at {results['pipeline_image_size']} px", "",
-                  "Each stage's dvc.yaml command, as DVC resolves it, in a scratch workspace with these params "
-                  f"over params.yaml: `{json.dumps(results['pipeline_params'])}`. Epochs are short (a fixed "
-                  "number of batches); every whole-split pass (validation, the teachers on one view of the "
-                  "train split, calibration, export checks, evaluation) runs on the full split.", "",
-                  "| stage | " + " | ".join(f"{n}: time | {n}: peak memory" for n in names)
-                  + " | peak ratio |",
-                  "|---|" + "---:|---:|" * len(names) + "---:|"]
-        for i, stage in enumerate(pipelines[names[0]]):
-            cells = [pipelines[n][i] for n in names]
-            ratio = cells[-1]["peak_anon_mb"] / cells[0]["peak_anon_mb"]
-            lines.append(f"| {stage['stage']} | " + " | ".join(f"{c['seconds']:.0f} s | {c['peak_anon_mb']:.0f} MB"
-                                                           for c in cells) + f" | {ratio:.2f} |")
-    speed = results["throughput"]
-    if speed:
-        lines += ["", "## Training from memory-mapped splits", "",
-                  f"Training steps on {speed['data']} at {speed['image_size']} px, train.threads="
-                  f"{speed['threads']}, batch {speed['batch_size']}, from the mapped train split and from an "
-                  "in-RAM copy of it: median images/s over alternating rounds (`tools.scale.throughput`).", "",
-                  "| model | steps x rounds | memory-mapped | in RAM | ratio |", "|---|---:|---:|---:|---:|"]
-        for name, r in speed["models"].items():
-            lines.append(f"| {name} | {r['steps']} x {r['rounds']} | {r['memory_mapped']:.0f} img/s | "
-                         f"{r['in_ram']:.0f} img/s | {r['ratio']:.3f} |")
-    (out / "scale.md").write_text("\n".join(lines) + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", required=True, type=Path, help="scratch folder (trees, prepared data)")
@@ -209,10 +155,11 @@ def main() -> None:
     pipelines = {f"demo {n}": pipeline_run(args.work, demo_tree(args.work, n, max(args.counts)),
                                            params.data.image_size)
                  for n in sorted(args.pipeline_counts)}
-    write_report({"command": "python -m tools.scale.run " + " ".join(sys.argv[1:]), "commit": commit,
-                  "machine": machine_info(), "runs": runs, "pipelines": pipelines,
-                  "pipeline_image_size": params.data.image_size, "pipeline_params": PIPELINE_PARAMS,
-                  "throughput": throughput}, args.out)
+    current = {"command": "python -m tools.scale.run " + " ".join(sys.argv[1:]), "commit": commit,
+               "machine": machine_info(), "runs": runs, "pipelines": pipelines,
+               "pipeline_image_size": params.data.image_size, "pipeline_params": PIPELINE_PARAMS,
+               "throughput": throughput}
+    write_report([current], args.out)
 
 
 if __name__ == "__main__":

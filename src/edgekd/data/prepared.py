@@ -126,21 +126,23 @@ def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Te
 
 @dataclass(frozen=True)
 class ModelInputs:
-    """uint8 images (N, 3, H, W) as a model of input side `size` sees them, resized and normalised
-    a slice at a time: whole-split work (calibration, sensitivity, export checks, evaluation) holds
-    one batch of floats, never the split's. Slicing gives a float tensor; iterating gives batches."""
+    """uint8 images (N, 3, H, W) as a model of input side `size` sees them, moved to `device`,
+    resized and normalised there a slice at a time: whole-split work (calibration, sensitivity,
+    export checks, evaluation, predictions) holds one batch of floats, never the split's. Slicing
+    gives a float tensor; iterating gives batches."""
 
     images: Tensor
     size: int | None
     mean: Sequence[float]
     std: Sequence[float]
     batch_size: int = 256
+    device: torch.device = torch.device("cpu")
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, rows: slice) -> Tensor:
-        return normalize(resize_batch(self.images[rows], self.size), self.mean, self.std)
+        return normalize(resize_batch(self.images[rows].to(self.device), self.size), self.mean, self.std)
 
     def __iter__(self) -> Iterator[Tensor]:
         for start in range(0, len(self), self.batch_size):

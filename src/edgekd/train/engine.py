@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.ao.quantization import FakeQuantizeBase
 from tqdm import tqdm
 
-from edgekd.data.prepared import normalize, resize_batch
+from edgekd.data.prepared import ModelInputs, normalize, resize_batch
 from edgekd.train.augment import apply_augmentation, draw_augmentation, rows_of
 from edgekd.train.checkpoints import load_checkpoint, save_checkpoint
 from edgekd.train.distributed import Ranks, data_parallel, sum_over_ranks
@@ -193,12 +193,8 @@ def predict_logits(fn: Callable[[Tensor], Tensor], images: Tensor, mean: Sequenc
                    std: Sequence[float], batch_size: int, device: torch.device, size: int | None = None) -> Tensor:
     """Logits (N, C) for uint8 images (N, 3, H, W), without augmentation, on CPU; each batch resized
     to the model's input side `size` on the device (None: as cached), so no resized split is held."""
-    outs = []
     with evaluation_mode(fn), torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            x = normalize(resize_batch(images[start:start + batch_size].to(device), size), mean, std)
-            outs.append(fn(x).float().cpu())
-    return torch.cat(outs)
+        return torch.cat([fn(x).float().cpu() for x in ModelInputs(images, size, mean, std, batch_size, device)])
 
 
 def evaluate(model: Callable[[Tensor], Tensor], images: Tensor, labels: Tensor, mean: Sequence[float],
