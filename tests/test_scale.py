@@ -85,6 +85,15 @@ def test_report_refuses_stage_tables_from_other_params(tmp_path):
     files[1].write_text(json.dumps(measurement("b", {"demo 75000": stage_runs(1, 1)}, {"train": {}})))
     with pytest.raises(SystemExit, match="different pipeline params"):
         read_measurements(files)
+    files[1].write_text(json.dumps(measurement("b", {"demo 75000": stage_runs(1, 1)[:1]})))
+    with pytest.raises(SystemExit, match="or stages"):
+        read_measurements(files)
+    files[1].write_text(json.dumps(measurement("b", {"demo 5000": stage_runs(1, 1)})))
+    with pytest.raises(SystemExit, match=r"measured twice \(demo 5000\)"):
+        read_measurements(files)
+    files[1].write_text(json.dumps({key: value for key, value in measurement("b", {}).items() if key != "machine"}))
+    with pytest.raises(SystemExit, match="b.json: not a scale.json"):
+        read_measurements(files)
     files[1].write_text("[1, 2]")
     with pytest.raises(SystemExit, match="b.json: not a scale.json"):
         read_measurements(files)

@@ -16,22 +16,35 @@ from pathlib import Path
 from edgekd.runtime import run_stage
 
 
+# What tools.scale.run records for one measurement, and write_report reads.
+MEASUREMENT_KEYS = {"command", "commit", "machine", "runs", "pipelines", "pipeline_image_size", "pipeline_params",
+                    "throughput"}
+
+
 def read_measurements(files: list[Path]) -> list[dict]:
     """Every measurement in `files`, in order; a scale.json holds a list of them or one. Stage
-    tables from other params or image sizes are refused: their columns would not compare."""
+    tables from other params, image sizes or stages are refused: their columns would not compare;
+    so is a data set staged twice, whose one column would hide the other measurement."""
     measurements = []
     for path in files:
         try:
             data = json.loads(path.read_text())
-            measurements += data["measurements"] if "measurements" in data else [data]
+            found = data["measurements"] if "measurements" in data else [data]
         except (OSError, ValueError, TypeError) as err:
             raise SystemExit(f"{path}: not a scale.json written by tools.scale.run ({err})")
-        if not all(isinstance(m, dict) and {"command", "runs", "pipelines"} <= m.keys() for m in measurements):
-            raise SystemExit(f"{path}: not a scale.json written by tools.scale.run (no command, runs, pipelines)")
-    staged = [(m["pipeline_params"], m["pipeline_image_size"]) for m in measurements if m["pipelines"]]
+        if not all(isinstance(m, dict) and MEASUREMENT_KEYS <= m.keys() for m in found):
+            raise SystemExit(f"{path}: not a scale.json written by tools.scale.run (it lacks one of "
+                             f"{', '.join(sorted(MEASUREMENT_KEYS))})")
+        measurements += found
+    staged = [(m["pipeline_params"], m["pipeline_image_size"], [s["stage"] for s in stages])
+              for m in measurements for stages in m["pipelines"].values()]
     if any(s != staged[0] for s in staged):
-        raise SystemExit(f"{', '.join(map(str, files))}: stage tables measured with different pipeline params "
-                         "or image sizes")
+        raise SystemExit(f"{', '.join(map(str, files))}: stage tables measured with different pipeline params, "
+                         "image sizes or stages")
+    names = [name for m in measurements for name in m["pipelines"]]
+    if len(set(names)) < len(names):
+        raise SystemExit(f"{', '.join(map(str, files))}: a data set's stages measured twice "
+                         f"({', '.join(sorted({n for n in names if names.count(n) > 1}))}); join one of them")
     return measurements
 
 
