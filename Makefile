@@ -17,8 +17,10 @@ deps: $(PIP_STAMP)
 demo-data: deps
 	@if [ ! -d data/rice-demo ]; then $(PYTHON) -m tools.make_demo_data --out data/rice-demo; fi
 
+# --keep-going: a study variant that fails (its export gate, say) stops only the stages that need it;
+# every other file is still exported and measured, and the command still exits non-zero.
 repro: demo-data
-	dvc repro
+	dvc repro --keep-going
 
 # One pytest worker per CPU core (pytest-xdist); workers that run out of tests take some from the
 # others (worksteal), since the tiny project's end-to-end tests take minutes and the unit tests seconds.

@@ -1,4 +1,9 @@
-"""Stage `evaluate`: test-split accuracy, size, latency and throughput of every exported ONNX model."""
+"""Stage `evaluate@<model>`: test-split accuracy, size, latency and throughput of one exported ONNX file.
+
+One file per stage instance (dvc.yaml's `foreach`, beside `export@<model>`): a study variant whose
+export failed leaves the others measured. Its confusion matrix and its point of the accuracy-vs-p50
+trade-off are plot files; dvc.yaml's `tradeoff` plot draws every model's point in one chart.
+"""
 
 from __future__ import annotations
 
@@ -40,31 +45,26 @@ def measure(path: Path, images, labels: np.ndarray, classes: list[str], bench) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", required=True, help="prepared-data folder (test split)")
-    parser.add_argument("--model", nargs=2, action="append", required=True, metavar=("NAME", "ONNX"),
-                        help="name (fp32, int8, baseline) and ONNX file; repeatable")
+    parser.add_argument("--model", nargs=2, required=True, metavar=("NAME", "ONNX"),
+                        help="name (fp32, int8, baseline, ...) and ONNX file")
     parser.add_argument("--metrics", required=True)
-    parser.add_argument("--plots", required=True, help="folder for confusion_<name>.csv, tradeoff.csv")
+    parser.add_argument("--plots", required=True, help="folder for confusion_<name>.csv, tradeoff/<name>.csv")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
     p = load_params(args.params)
     images, labels = load_split(args.data, "test")
     classes, labels = load_info(args.data).classes, labels.numpy()
-
-    results, preds = {}, {}
+    name, path = args.model
     with whole_machine():  # latency of one model at a time, never beside another experiment's stage
-        for name, path in args.model:
-            results[name], preds[name] = measure(Path(path), images, labels, classes, p.bench)
-            log.info("evaluate %s: acc %.4f p50 %.3f ms size %d B", name, results[name]["accuracy"],
-                     results[name]["latency_p50_ms"], results[name]["size_bytes"])
-    if "fp32" in preds and "int8" in preds:
-        results["int8_agreement"] = float((preds["fp32"] == preds["int8"]).mean())
+        result, pred = measure(Path(path), images, labels, classes, p.bench)
+    log.info("evaluate %s: acc %.4f p50 %.3f ms size %d B", name, result["accuracy"], result["latency_p50_ms"],
+             result["size_bytes"])
     plots = Path(args.plots)
-    for name, pred in preds.items():
-        write_csv(plots / f"confusion_{name}.csv", ["actual", "predicted"],
-                  [(classes[a], classes[b]) for a, b in zip(labels, pred)])
-    write_csv(plots / "tradeoff.csv", ["model", "accuracy", "latency_p50_ms", "size_bytes"],
-              [(n, results[n]["accuracy"], results[n]["latency_p50_ms"], results[n]["size_bytes"]) for n in preds])
-    write_metrics(args.metrics, results)
+    write_csv(plots / f"confusion_{name}.csv", ["actual", "predicted"],
+              [(classes[a], classes[b]) for a, b in zip(labels, pred)])
+    write_csv(plots / "tradeoff" / f"{name}.csv", ["model", "accuracy", "latency_p50_ms", "size_bytes"],
+              [(name, result["accuracy"], result["latency_p50_ms"], result["size_bytes"])])
+    write_metrics(args.metrics, result)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,11 @@
-"""Stage `export`: FP32 student and baseline, QAT and PTQ students -> ONNX with metadata, each file
-gated against its torch model on val (src/edgekd/deploy/export.py: check_fp32_export, check_int8_export).
-Mixed-precision models keep their 4-bit weights as INT4 and their 16-bit outputs as UINT16 (opset 21)."""
+"""Stage `export@<model>`: one checkpoint -> one ONNX file with metadata, gated against its torch model
+on val (src/edgekd/deploy/export.py: check_fp32_export, check_int8_export).
+
+One model per stage instance (dvc.yaml's `foreach`), so a study variant that fails its gate costs
+that variant only, and a change to one recipe reruns only its export. Mixed-precision models keep
+their 4-bit weights as INT4 and their 16-bit outputs as UINT16, at the opset those types need
+(`file_opset`).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from edgekd.deploy.export import (
     check_int8_export,
     compare,
     export_onnx,
+    file_opset,
     meta_from_checkpoint,
     store_int4_weights,
     store_int16_activations,
@@ -34,50 +40,57 @@ def model_input(images, payload: dict) -> ModelInputs:
     return ModelInputs(images, payload["image_size"], payload["mean"], payload["std"])
 
 
+def export_fp32(checkpoint: str, onnx_path: Path, val, cfg) -> dict:
+    model, payload = load_model(checkpoint)
+    opset = file_opset(cfg.opset, wide_types=False)
+    export_onnx(model, onnx_path, meta_from_checkpoint(payload, "fp32", count_params(model)), opset)
+    return {"parity": check_fp32_export(model, onnx_path, model_input(val, payload), cfg.fp32), "opset": opset}
+
+
+def export_quantized(checkpoint: str, onnx_path: Path, val, test, cfg) -> dict:
+    fake_quant, payload = load_qat_model(checkpoint)
+    integer, grids = convert_for_export(fake_quant)  # grids: the layers with 16-bit outputs
+    params = count_params(model_from_spec(payload["model"]))
+    four = [layer for layer, bits in payload.get("weight_bits", {}).items() if bits == 4]
+    precision = "int8" + ("+int4" if four else "") + ("+a16" if grids else "")  # mixed: where allocated
+    opset = file_opset(cfg.opset, wide_types=bool(four or grids))
+    export_onnx(integer, onnx_path, meta_from_checkpoint(payload, precision, params), opset)
+    int4 = [integer.get_submodule(layer).weight().int_repr().numpy() for layer in four]
+    if int4:
+        store_int4_weights(onnx_path, int4)
+    if grids:
+        store_int16_activations(onnx_path, grids)
+    # The integer torch model is the reference, unless 16-bit outputs leave only the fake-quant one.
+    reference = fake_quant if grids else integer
+    checks = check_int8_export(None if grids else integer, fake_quant, onnx_path, model_input(val, payload),
+                               cfg.quantized)
+    checks.update(int4_layers=len(int4), int16_activation_layers=len(grids), opset=opset)
+    # Reported only, never gated or tuned on: the same comparison on the test split.
+    checks["parity_fake_quant_test" if grids else "parity_int8_torch_test"] = compare(
+        reference, make_runner(onnx_path), model_input(test, payload))
+    return checks
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", required=True, help="prepared-data folder (val split gates, test split reported)")
-    parser.add_argument("--fp32", nargs=2, action="append", required=True, metavar=("PT", "ONNX"),
-                        help="FP32 checkpoint and ONNX file to write (repeatable)")
-    parser.add_argument("--qat", nargs=2, action="append", required=True, metavar=("PT", "ONNX"),
-                        help="fake-quant checkpoint (qat or ptq stage) and INT8 ONNX file to write (repeatable)")
+    parser.add_argument("--checkpoint", required=True, help="FP32 checkpoint, or fake-quant checkpoint (qat, ptq)")
+    parser.add_argument("--kind", choices=("fp32", "quantized"), required=True,
+                        help="fp32: a float model; quantized: a fake-quant checkpoint, exported as integers")
+    parser.add_argument("--out", required=True, help="ONNX file to write")
     parser.add_argument("--metrics", required=True)
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
     p = load_params(args.params)
     select_device("cpu", p.train.threads)
-    val, test = load_split(args.data, "val")[0], load_split(args.data, "test")[0]
-    metrics: dict = {}
-
-    for pt, onnx_path in args.fp32:
-        model, payload = load_model(pt)
-        export_onnx(model, onnx_path, meta_from_checkpoint(payload, "fp32", count_params(model)), p.export.opset)
-        parity = check_fp32_export(model, onnx_path, model_input(val, payload), p.export)
-        metrics[Path(onnx_path).stem] = {"parity": parity, "size_bytes": Path(onnx_path).stat().st_size}
-
-    for pt, onnx_path in args.qat:
-        fake_quant, payload = load_qat_model(pt)
-        integer, grids = convert_for_export(fake_quant)  # grids: the layers with 16-bit outputs
-        params = count_params(model_from_spec(payload["model"]))
-        four = [layer for layer, bits in payload.get("weight_bits", {}).items() if bits == 4]
-        precision = "int8" + ("+int4" if four else "") + ("+a16" if grids else "")  # mixed: where allocated
-        export_onnx(integer, onnx_path, meta_from_checkpoint(payload, precision, params), p.export.opset)
-        int4 = [integer.get_submodule(layer).weight().int_repr().numpy() for layer in four]
-        if int4:
-            store_int4_weights(onnx_path, int4)
-        if grids:
-            store_int16_activations(onnx_path, grids)
-        # The integer torch model is the reference, unless 16-bit outputs leave only the fake-quant one.
-        reference = fake_quant if grids else integer
-        checks = check_int8_export(None if grids else integer, fake_quant, onnx_path, model_input(val, payload),
-                                   p.export)
-        checks.update(int4_layers=len(int4), int16_activation_layers=len(grids))
-        # Reported only, never gated or tuned on: the same comparison on the test split.
-        checks["parity_fake_quant_test" if grids else "parity_int8_torch_test"] = compare(
-            reference, make_runner(onnx_path), model_input(test, payload))
-        metrics[Path(onnx_path).stem] = {**checks, "size_bytes": Path(onnx_path).stat().st_size}
+    val, onnx_path = load_split(args.data, "val")[0], Path(args.out)
+    if args.kind == "quantized":
+        metrics = export_quantized(args.checkpoint, onnx_path, val, load_split(args.data, "test")[0], p.export)
+    else:
+        metrics = export_fp32(args.checkpoint, onnx_path, val, p.export)
+    metrics["size_bytes"] = onnx_path.stat().st_size
     write_metrics(args.metrics, metrics)
-    log.info("export: %s", json.dumps(metrics))
+    log.info("export %s: %s", onnx_path, json.dumps(metrics))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from edgekd.config import load_params
 from edgekd.data.prepare import prepare_dataset
+from edgekd.parallel import claim_slot
 from edgekd.runtime import run_stage, seed_everything, write_metrics
 
 log = logging.getLogger("edgekd")
@@ -23,6 +24,8 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params(args.params)
     seed_everything(params.data.split_seed)
+    # Beside other experiments (edgekd.parallel): one slot, and one decoding process per core of it.
+    claim_slot()
 
     result = prepare_dataset(args.root, args.out, params.data, params.data.split_seed)
 

@@ -1,7 +1,8 @@
 """Stage `ptq`: post-training static quantization of the distilled FP32 student, the control for QAT.
 
-The same INT8 scheme as `qat` (edgekd.train.quant), ranges calibrated on the first
-`ptq.calibration_images` unaugmented train images, no training. The checkpoint has the format of a
+The same INT8 scheme as `qat` (edgekd.train.quant), ranges calibrated (min/max over every image) on
+`ptq.calibration_images` unaugmented train images drawn at random within each class in proportion
+to its size (seeded by `student.seed`), no training. The checkpoint has the format of a
 QAT checkpoint, so `export` and `evaluate` treat both alike and the two INT8 files compare what
 quantization-aware training adds.
 """
@@ -12,8 +13,11 @@ import argparse
 import dataclasses
 import logging
 
+import torch
+
 from edgekd.config import as_dict, load_params
 from edgekd.data.prepared import ModelInputs, load_info, load_split, resize_batch
+from edgekd.data.split import stratified_sample
 from edgekd.runtime import run_stage, select_device, write_metrics
 from edgekd.train.checkpoints import load_model, model_payload, save_checkpoint
 from edgekd.train.engine import evaluate
@@ -34,16 +38,19 @@ def main() -> None:
     select_device("cpu", p.train.threads)  # quantized FX modules run on CPU only
 
     info = load_info(args.data)
-    train, val = load_split(args.data, "train")[0], load_split(args.data, "val")
+    (train, labels), val = load_split(args.data, "train"), load_split(args.data, "val")
     student, payload = load_model(args.student)
     size, batch = int(payload["image_size"]), p.train.eval_batch_size
-    calibration = train[:p.ptq.calibration_images]
+    rows = torch.from_numpy(stratified_sample(labels.numpy(), p.ptq.calibration_images, p.student.seed))
+    calibration = train[rows]  # (N, 3, H, W) uint8, the chosen rows only (the split may be memory-mapped)
     model = calibrate(prepare_qat(student, size), ModelInputs(calibration, size, info.mean, info.std, batch))
+    per_class = torch.bincount(labels[rows], minlength=len(info.classes)).tolist()
 
     save_checkpoint(args.out, model_payload(model, payload["model"], dataclasses.replace(info, image_size=size),
                                             ptq=as_dict(p.ptq)))
     val = (resize_batch(val[0], size), val[1])
     metrics = {"calibration_images": len(calibration),
+               "calibration_per_class": dict(zip(info.classes, per_class)),
                "val_acc_fp32": evaluate(student, *val, info.mean, info.std, batch)["acc"],
                "val_acc_fake_quant": evaluate(model, *val, info.mean, info.std, batch)["acc"],
                "val_acc_int8_torch": evaluate(convert(model), *val, info.mean, info.std, batch)["acc"]}

@@ -22,8 +22,8 @@ from typing import Callable
 
 import pytest
 from shared_data import RICE_SAMPLE, require
+from tiny_pipeline import repo_params
 
-from edgekd.config import DataConfig
 from edgekd.data.prepare import prepare_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,7 +65,8 @@ def small_rice_tree(rice_tree_factory) -> Path:
 @pytest.fixture(scope="session")
 def prepared_small(small_rice_tree: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prepared_small") / "prepared"
-    prepare_dataset(small_rice_tree, out, DataConfig(image_size=SMALL_IMAGE_SIZE), seed=0)
+    data = repo_params({"data": {"image_size": SMALL_IMAGE_SIZE}}).data
+    prepare_dataset(small_rice_tree, out, data, seed=0)
     return out
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 from shared_data import SEED_MODELS, require
-from tiny_pipeline import sh
+from tiny_pipeline import repo_params, sh
 
-from edgekd.config import StudentConfig, load_params
+from edgekd.config import load_params
 from edgekd.data.images import load_image
 from edgekd.data.prepared import load_info, load_split, normalize
 from edgekd.deploy.sessions import ort_session
@@ -22,10 +22,10 @@ from tools.benchmark import comparison
 from tools.benchmark.comparison import missed_images
 from tools.benchmark.experiments import overrides_to_args, parse_stage_log
 from tools.benchmark.report import MAIN_COLUMNS, VARIANT_COLUMNS, markdown_table
-from tools.benchmark.run import load_config, write_report
+from tools.benchmark.run import load_config, read_evaluations, write_report
 from tools.machine import SIMD_FLAGS
 
-DEFAULT_ARCH = StudentConfig().arch
+DEFAULT_ARCH = repo_params().student.arch
 REPO = Path(__file__).resolve().parents[1]
 RICE_CONFIG = REPO / "tools/benchmark/rice.yaml"
 
@@ -212,7 +212,8 @@ def test_benchmark_on_tiny_run_writes_report_and_restores_main_run(tiny_repo: Pa
     # A variant departs from the main run's params.
     assert [(v["arch"], v["width"]) for v in results["variants"]] == [(DEFAULT_ARCH, 0.25)] * 2
     pipeline = results["pipeline"]
-    assert {"prepare", "train_teacher@resnet18", "distill", "qat", "export", "evaluate"} <= set(pipeline["stages"])
+    assert {"prepare", "train_teacher@resnet18", "distill", "qat", "export@int8", "evaluate@int8"} <= set(
+        pipeline["stages"])
     incremental = pipeline["incremental"]
     assert incremental["command"] == "dvc exp run -S student.seed=1" and incremental["teachers_skipped"]
     assert {"train_teacher@resnet18", "train_teacher@mobilenet_v2", "train_teacher@densenet121"} <= set(
@@ -253,8 +254,8 @@ def test_benchmark_on_tiny_run_writes_report_and_restores_main_run(tiny_repo: Pa
     # The workspace holds the main run again, not the last variant (which timed 12 runs, not 10).
     params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
     assert params["bench"]["runs"] == 10 and params["student"]["seed"] == 42
-    evaluation = json.loads((tiny_repo / "metrics/evaluate.json").read_text())
-    assert {row["latency_runs"] for row in evaluation.values() if isinstance(row, dict) and "latency_runs" in row} == {10}
+    evaluation = read_evaluations(tiny_repo)
+    assert len(evaluation) == 8 and {row["latency_runs"] for row in evaluation.values()} == {10}
     assert evaluation["int8"]["size_bytes"] == results["variants"][0]["int8_size_bytes"]
 
     # The same results under CIFAR-10's config, which has no seed models: no seed rows or ratios,

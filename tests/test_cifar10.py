@@ -11,9 +11,8 @@ import onnx
 import pytest
 import yaml
 from shared_data import CIFAR10, require
-from tiny_pipeline import TINY_OVERRIDES, deep_update
+from tiny_pipeline import TINY_OVERRIDES, deep_update, repo_params
 
-from edgekd.config import DataConfig
 from edgekd.data.prepare import prepare_dataset
 from edgekd.deploy.export import conv_kernels, read_metadata
 
@@ -31,7 +30,7 @@ def prepared_cifar(tmp_path_factory) -> Path:
         (tmp / "tree" / cls).mkdir(parents=True)
         for src in files:
             shutil.copyfile(src, tmp / "tree" / cls / src.name)
-    prepare_dataset(tmp / "tree", tmp / "prepared", DataConfig(image_size=32), seed=0)
+    prepare_dataset(tmp / "tree", tmp / "prepared", repo_params({"data": {"image_size": 32}}).data, seed=0)
     return tmp / "prepared"
 
 
@@ -47,9 +46,9 @@ def test_mobilenet_v2_with_a_small_stem_trains_quantizes_and_passes_the_export_g
     # inside the tiny logit tolerance (48). Its val accuracy is still 16-20 % on 300 images, so
     # top-1 agreement between the two integer engines stays a property of the CPU's kernels
     # (measured: 0.86 on an AVX2 EPYC, 0.70 on an AMX Xeon): here the logit gate is the sharp one.
-    gates = {**TINY_OVERRIDES["export"], "min_int8_agreement": 0.5}
+    gates = {**TINY_OVERRIDES["export"]["quantized"], "min_agreement": 0.5}
     raw = deep_update(yaml.safe_load((REPO / "params.yaml").read_text()), {
-        "export": gates, "train": {"batch_size": 32},
+        "export": {"quantized": gates}, "train": {"batch_size": 32},
         "qat": {"epochs": 3, "freeze_bn_epoch": 2, "freeze_observer_epoch": 2},
         "student": {"arch": "mobilenet_v2", "width": 0.25, "stem": "small", "epochs": 15}})
     params = tmp_path / "params.yaml"
@@ -59,8 +58,9 @@ def test_mobilenet_v2_with_a_small_stem_trains_quantizes_and_passes_the_export_g
            "--metrics", m / "baseline.json", "--params", params)
     _stage("qat", "--data", prepared_cifar, "--student", m / "baseline.pt", "--out", m / "qat.pt",
            "--metrics", m / "qat.json", "--params", params)
-    _stage("export", "--data", prepared_cifar, "--fp32", m / "baseline.pt", m / "fp32.onnx",
-           "--qat", m / "qat.pt", m / "int8.onnx", "--metrics", m / "export.json", "--params", params)
+    for name, checkpoint, kind in (("fp32", "baseline.pt", "fp32"), ("int8", "qat.pt", "quantized")):
+        _stage("export", "--data", prepared_cifar, "--kind", kind, "--checkpoint", m / checkpoint,
+               "--out", m / f"{name}.onnx", "--metrics", m / f"export_{name}.json", "--params", params)
 
     for name in ("fp32", "int8"):
         meta = read_metadata(m / f"{name}.onnx")
@@ -71,9 +71,9 @@ def test_mobilenet_v2_with_a_small_stem_trains_quantizes_and_passes_the_export_g
         strides = next(a.ints for a in first_conv.attribute if a.name == "strides")
         assert list(strides) == [1, 1]  # the small stem: no downsampling in the first conv
     # The INT8 file passed the gates against the integer torch model, and runs as integer kernels.
-    export = json.loads((m / "export.json").read_text())["int8"]
-    assert export["parity_int8_torch"]["max_abs_diff_steps"] <= gates["int8_logit_tolerance_steps"]
-    assert export["parity_int8_torch"]["top1_agreement"] >= gates["min_int8_agreement"]
+    export = json.loads((m / "export_int8.json").read_text())
+    assert export["parity_int8_torch"]["max_abs_diff_steps"] <= gates["max_logit_steps"]
+    assert export["parity_int8_torch"]["top1_agreement"] >= gates["min_agreement"]
     kernels = conv_kernels(m / "int8.onnx")
     assert kernels["integer"] > kernels["float"] == 0
     # 1 byte per weight instead of 4; per-channel scales and the Q/DQ graph add the rest (0.36x here)

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from edgekd.config import DataConfig
 from edgekd.data import prepare as prepare_mod
+from edgekd.data import prepared as prepared_mod
 from edgekd.data.decode import decode_all
 from edgekd.data.dedup import group_duplicates, near_duplicate_pairs
 from edgekd.data.images import load_rgb
@@ -25,7 +31,19 @@ from edgekd.data.split import split_groups
 from edgekd.errors import DataError
 from tools.scale.memory import anon_bytes
 
-CFG = DataConfig(image_size=32)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_values(**overrides) -> dict:
+    """params.yaml's `data` section with `overrides`: every value a test does not set is the project's."""
+    return {**yaml.safe_load((REPO / "params.yaml").read_text())["data"], **overrides}
+
+
+def data_config(**overrides) -> DataConfig:
+    return DataConfig(**data_values(**overrides))
+
+
+CFG = data_config(image_size=32)
 FRACTIONS = {"train": 0.65, "val": 0.15, "test": 0.2}
 
 
@@ -79,20 +97,113 @@ def test_prepared_small_follows_the_contract(prepared_small, small_rice_tree):
 
 
 def test_missing_prepared_data_is_a_clear_error(tmp_path):
-    with pytest.raises(DataError, match="info.json: not found; run the prepare stage"):
-        load_info(tmp_path)
-    with pytest.raises(DataError, match="train_images.npy: not found"):
-        load_split(tmp_path, "train")
+    missing = tmp_path / "prepared"
+    with pytest.raises(DataError, match=f"^{missing}: not found; run the prepare stage first$"):
+        load_info(missing)
+    with pytest.raises(DataError, match=f"^{missing}: not found; run the prepare stage first$"):
+        load_split(missing, "train")
+
+
+def test_prepared_folder_without_info_json_is_refused(prepared_small, tmp_path):
+    """info.json is written last: arrays without it are an unfinished prepare, whatever their shape."""
+    unfinished = shutil.copytree(prepared_small, tmp_path / "prepared")
+    (unfinished / "info.json").unlink()
+    message = f"^{unfinished}: no info.json, so not complete prepared data .*; run the prepare stage again$"
+    with pytest.raises(DataError, match=message):
+        load_info(unfinished)
+    for split in SPLITS:
+        with pytest.raises(DataError, match=message):
+            load_split(unfinished, split)
 
 
 def test_malformed_prepared_split_is_a_clear_error(prepared_small, tmp_path):
     bad = shutil.copytree(prepared_small, tmp_path / "prepared")
     np.save(bad / "val_labels.npy", np.zeros(3, np.int64))  # fewer labels than images
-    with pytest.raises(DataError, match=r"val_images.npy: expected uint8 \(N, 3, H, W\) images and N labels"):
+    with pytest.raises(DataError, match=r"val_images.npy: expected uint8 \(N, 3, 32, 32\) images \(info.json "
+                                        r"image_size\) and N labels"):
         load_split(bad, "val")
     (bad / "test_images.npy").write_bytes(b"not an array")
     with pytest.raises(DataError, match="test_images.npy: unreadable prepared split"):
         load_split(bad, "test")
+    info = json.loads((bad / "info.json").read_text())
+    (bad / "info.json").write_text(json.dumps({**info, "image_size": 64}))  # arrays of another size
+    with pytest.raises(DataError, match=r"train_images.npy: expected uint8 \(N, 3, 64, 64\) images"):
+        load_split(bad, "train")
+
+
+# ----------------------------------------------------------------------------- atomic prepare
+
+
+def _folder_digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_interrupted_write_leaves_the_previous_prepared_folder_intact(small_rice_tree, prepared_small,
+                                                                      tmp_path, monkeypatch):
+    """A write that fails with every split array written and info.json not yet: the previous
+    prepared folder is left byte for byte, and nothing of the failed run is left beside it."""
+    out = shutil.copytree(prepared_small, tmp_path / "prepared")
+    before = _folder_digest(out)
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")  # after the arrays, before info.json
+
+    monkeypatch.setattr(prepared_mod, "channel_stats", fail)
+    with pytest.raises(OSError, match="disk full"):
+        prepare_dataset(small_rice_tree, out, CFG, seed=1)  # another split: other arrays
+    assert _folder_digest(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]
+    monkeypatch.undo()
+    prepare_dataset(small_rice_tree, out, CFG, seed=1)  # a run that succeeds replaces it whole
+    assert _folder_digest(out) != before and load_info(out).classes == load_info(prepared_small).classes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]
+
+
+# Runs prepare_dataset(argv[1] -> argv[2], the data params argv[3] as JSON) and stops it for good once
+# every split array is written.
+KILLED_PREPARE = """
+import json, sys, time
+from edgekd.config import DataConfig
+from edgekd.data import prepared
+from edgekd.data.prepare import prepare_dataset
+
+def stop(*args, **kwargs):
+    print("arrays written", flush=True)
+    time.sleep(600)
+
+prepared.channel_stats = stop
+prepare_dataset(sys.argv[1], sys.argv[2], DataConfig(**json.loads(sys.argv[3])), seed=0)
+"""
+
+
+def test_killed_prepare_leaves_no_half_written_folder(small_rice_tree, prepared_small, tmp_path):
+    """SIGKILL part-way (no cleanup runs): where the prepared folder goes there is none, stages
+    refuse the path in one line, and the next prepare clears what the killed one left."""
+    out = tmp_path / "prepared"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_PREPARE, str(small_rice_tree), str(out),
+                             json.dumps(data_values(image_size=32))], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "arrays written"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert not out.exists()
+    with pytest.raises(DataError, match=f"^{out}: not found"):
+        load_split(out, "train")
+    leftovers = [p.name for p in tmp_path.iterdir()]
+    assert leftovers == [f".prepared.building-{proc.pid}"]  # hidden, never taken for prepared data
+    prepare_dataset(small_rice_tree, out, CFG, seed=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]
+    assert _folder_digest(out) == _folder_digest(prepared_small)
+
+
+def test_prepare_refuses_to_replace_a_folder_of_other_files(small_rice_tree, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match=f"{out}: holds files that are not prepared data \\(notes.txt\\)"):
+        prepare_dataset(small_rice_tree, out, CFG, seed=0)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
 def _anon_memory_mb() -> float:
@@ -106,6 +217,8 @@ def test_splits_are_memory_mapped_not_read_into_ram(tmp_path):
     images[::7] = 255
     images.flush()
     np.save(tmp_path / "train_labels.npy", np.arange(4096) % 5)
+    (tmp_path / "info.json").write_text(json.dumps({"classes": list("abcde"), "image_size": 128,
+                                                    "mean": [0.5] * 3, "std": [0.25] * 3}))
     del images
     before = _anon_memory_mb()
     x, y = load_split(tmp_path, "train")
@@ -374,7 +487,7 @@ def test_cache_limit_fails_before_decoding(small_rice_tree, tmp_path, monkeypatc
         raise AssertionError("decoded although the cache cannot fit")
 
     monkeypatch.setattr(prepare_mod, "decode_all", no_decode)
-    cfg = DataConfig(image_size=512, cache_limit_mb=50)  # 100 x 3 x 512 x 512 B = 75 MB
+    cfg = data_config(image_size=512, cache_limit_mb=50)  # 100 x 3 x 512 x 512 B = 75 MB
     with pytest.raises(DataError, match="cache needs 75 MB for 100 images .* data.cache_limit_mb=50"):
         prepare_dataset(small_rice_tree, tmp_path / "prepared", cfg, seed=0)
 
@@ -385,7 +498,7 @@ def test_full_disk_fails_before_decoding(small_rice_tree, tmp_path, monkeypatch)
 
     monkeypatch.setattr(prepare_mod, "decode_all", no_decode)
     monkeypatch.setattr(prepare_mod.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 2**20, 2**20))
-    cfg = DataConfig(image_size=128)  # 100 x 3 x 128 x 128 B = 4.7 MB, twice while it runs
+    cfg = data_config(image_size=128)  # 100 x 3 x 128 x 128 B = 4.7 MB, twice while it runs
     with pytest.raises(DataError, match=r"prepared: 1 MB free, but preparing 100 images .* needs 9 MB"):
         prepare_dataset(small_rice_tree, tmp_path / "prepared", cfg, seed=0)
     assert not (tmp_path / "prepared").exists()

@@ -26,6 +26,23 @@ VAL_IMAGES_TOLERANCE = 2
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
 
 
+def run_worker(*args: str, alone: bool = False, timeout: float = 300) -> None:
+    """tests/ddp_worker.py with `args` in 2 processes under torchrun (gloo), or `alone`; 1 thread each.
+
+    Past `timeout` the launcher is terminated, not killed: a worker waiting in a collective that
+    another one never joins waits forever, and torchrun, which starts each worker in a session of
+    its own, stops them only on a signal it can handle.
+    """
+    launcher = [sys.executable] if alone else TORCHRUN
+    with subprocess.Popen([*launcher, str(REPO / "tests" / "ddp_worker.py"), *args],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}) as run:
+        try:
+            assert run.wait(timeout) == 0
+        except subprocess.TimeoutExpired:
+            run.terminate()
+            raise
+
+
 def _run(tmp_path: Path, name: str, processes: int, stage: list[str], prepared: Path) -> tuple[dict, dict, str]:
     """One stage run with `processes` training processes; (metrics, state dict, stderr)."""
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -66,10 +83,8 @@ def test_two_processes_train_like_one_with_the_same_global_batch(prepared_small,
 
 
 def test_without_batch_norm_two_processes_compute_what_one_does(prepared_small, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    worker = [str(REPO / "tests" / "ddp_worker.py"), str(prepared_small)]
-    subprocess.run([sys.executable, *worker, str(tmp_path / "one.pt")], check=True, env=env, timeout=300)
-    subprocess.run([*TORCHRUN, *worker, str(tmp_path / "two.pt")], check=True, env=env, timeout=300)
+    run_worker("fit", str(prepared_small), str(tmp_path / "one.pt"), alone=True)
+    run_worker("fit", str(prepared_small), str(tmp_path / "two.pt"))
     one, two = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("one", "two"))
     assert _relative_distance(one["trained"], one["initial"]) > 0.01  # it trained
     assert _relative_distance(one["trained"], two["trained"]) < EXACT_TOLERANCE

@@ -133,7 +133,7 @@ def test_declared_params_expand_sections_only():
 
 def test_quick_start_prints_no_library_warnings(tiny_repo_template: Path):
     log = (tiny_repo_template.parent / REPRO_LOG).read_text()
-    assert "Running stage 'evaluate'" in log
+    assert "Running stage 'evaluate@int8'" in log
     noisy = [line for line in log.splitlines() if "Warning" in line or "warnings.warn" in line]
     assert not noisy, noisy[:5]
 
@@ -149,7 +149,7 @@ def _file_md5s(repo: Path, folders=("models", "metrics", "plots", "dvclive")) ->
             for d in folders for p in sorted((repo / d).rglob("*")) if p.is_file()}
 
 
-STUDENT_STAGES = ("baseline", "distill", "qat", "export", "evaluate")
+STUDENT_STAGES = ("baseline", "distill", "qat", "export@fp32", "export@int8", "evaluate@fp32", "evaluate@int8")
 
 
 def test_going_back_restores_every_student_stage_from_the_run_cache(tiny_repo_template: Path,
@@ -193,11 +193,11 @@ def test_training_seed_never_resplits_and_split_seed_does(tiny_repo: Path):
 
 
 def test_student_seed_and_ensemble_rerun_no_teacher(tiny_repo: Path):
-    """A seed sweep (`-S student.seed=N`) retrains every student and no teacher; `-S kd.ensemble=...`
-    only what learns from the soft targets."""
+    """A seed sweep (`-S student.seed=N`) retrains every student and no teacher, and draws PTQ's
+    calibration sample anew; `-S kd.ensemble=...` only what learns from the soft targets."""
     set_params(tiny_repo, {"student": {"seed": 1}})
     changed = _would_run(tiny_repo)
-    assert changed == {"baseline", "distill", "qat", "qat_a16", "qat_mixed", "qat_mixed_a16", "qat_scratch"}
+    assert changed == {"baseline", "distill", "qat", "qat_a16", "qat_mixed", "qat_mixed_a16", "qat_scratch", "ptq"}
     assert not _reruns(tiny_repo, changed) & TEACHER_STAGES
     set_params(tiny_repo, {"student": {"seed": 42}, "kd": {"ensemble": "confidence"}})
     changed = _would_run(tiny_repo)
@@ -207,10 +207,11 @@ def test_student_seed_and_ensemble_rerun_no_teacher(tiny_repo: Path):
 
 def test_bit_budget_reruns_only_allocation_mixed_qat_export_and_evaluate(tiny_repo: Path):
     """A real experiment: the activation allocation is rewritten byte for byte, so DVC skips the mixed
-    16/8 QAT that reads it, which the stage graph alone cannot tell."""
+    16/8 QAT that reads it, which the stage graph alone cannot tell; only the mixed file is exported
+    and measured again."""
     proc = sh("dvc", "exp", "run", "-S", "qat.avg_weight_bits=4.5", cwd=tiny_repo)
     ran = set(re.findall(r"Running stage '([^']+)'", proc.stdout + proc.stderr))
-    assert ran == {"allocate_bits", "qat_mixed", "export", "evaluate"}
+    assert ran == {"allocate_bits", "qat_mixed", "export@mixed", "evaluate@mixed"}
     assert json.loads((tiny_repo / "metrics/bit_allocation.json").read_text())["budget"] == 4.5
 
 

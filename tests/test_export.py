@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from tiny_pipeline import repo_params
 from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
-from edgekd.config import ExportConfig
 from edgekd.data.images import RESIZE_METHOD
 from edgekd.data.prepared import load_info, load_split, normalize
 from edgekd.deploy.export import (
@@ -22,6 +21,7 @@ from edgekd.deploy.export import (
     compare,
     conv_kernels,
     export_onnx,
+    file_opset,
     float_convs_expected,
     output_step,
     read_metadata,
@@ -164,12 +164,13 @@ def test_openvino_runs_the_same_int8_file(exported, val_x):
 
 # The briefly trained model here is like the tiny project's (tests/tiny_pipeline.py): its logits span
 # a fine output grid, on which the engines' rounding noise measures up to ~15 steps.
-BRIEF_MODEL_GATES = ExportConfig(int8_logit_tolerance_steps=32, min_int8_agreement=0.9)
+BRIEF_MODEL_GATES = repo_params({"export": {"quantized": {"max_logit_steps": 32, "min_agreement": 0.9}}}).export.quantized
+FP32_GATES = repo_params().export.fp32
 
 
 def test_export_gates_pass_the_real_export(exported, fp32, val_x):
     cfg = BRIEF_MODEL_GATES
-    assert check_fp32_export(fp32, exported["fp32"], val_x, cfg)["max_abs_diff"] <= cfg.parity_atol
+    assert check_fp32_export(fp32, exported["fp32"], val_x, FP32_GATES)["max_abs_diff"] <= FP32_GATES.parity_atol
     checks = check_int8_export(exported["integer"], exported["qat"], exported["int8"], val_x, cfg)
     assert checks["conv_kernels"]["float"] == 0 and checks["parity_int8_torch"]["top1_agreement"] >= 0.97
     assert checks["output_step"] == pytest.approx(exported["integer"].get_submodule("classifier.3").scale)
@@ -180,8 +181,8 @@ def test_fp32_gate_fires_on_a_model_that_differs(exported, fp32, val_x):
     other.load_state_dict(fp32.state_dict())
     with torch.no_grad():
         other.classifier[-1].bias += 0.01  # one changed bias: the file no longer is this model
-    with pytest.raises(UserError, match=r"fp32.onnx: max \|logit\| diff vs torch .* > export.parity_atol=0.001"):
-        check_fp32_export(other, exported["fp32"], val_x, ExportConfig())
+    with pytest.raises(UserError, match=r"fp32.onnx: max \|logit\| diff vs torch .* > export.fp32.parity_atol=0.001"):
+        check_fp32_export(other, exported["fp32"], val_x, FP32_GATES)
 
 
 def test_int8_gates_fire_on_a_broken_int8_file(exported, fp32, meta, val_x, tmp_path):
@@ -221,7 +222,7 @@ def test_int4_weights_round_trip_and_the_mixed_file_passes_the_gates(exported, f
     integer = convert(model)
     weights = [integer.get_submodule(layer).weight().int_repr().numpy() for layer in four]
     assert all(w.min() >= -7 and w.max() <= 7 for w in weights)
-    path = export_onnx(integer, tmp_path / "mixed.onnx", meta, 17)
+    path = export_onnx(integer, tmp_path / "mixed.onnx", meta, file_opset(17, wide_types=True))
     assert store_int4_weights(path, weights) == 3
     graph = onnx.load(str(path)).graph
     stored = [onnx.numpy_helper.to_array(i).astype(np.int8) for i in graph.initializer
@@ -230,7 +231,8 @@ def test_int4_weights_round_trip_and_the_mixed_file_passes_the_gates(exported, f
     for w in weights:  # the ONNX INT4 initializer holds exactly torch's integer weights
         assert sum(s.shape == w.shape and np.array_equal(s, w) for s in stored) == 1
     # half a byte saved per 4-bit weight: stored packed, two per byte (less a little for the zero points)
-    saved = exported["int8"].stat().st_size - path.stat().st_size
+    int8_at_21 = export_onnx(exported["integer"], tmp_path / "int8_21.onnx", meta, file_opset(17, wide_types=True))
+    saved = int8_at_21.stat().st_size - path.stat().st_size
     assert saved >= 0.45 * sum(w.size for w in weights), saved
     # the two INT4 convs run in float in onnxruntime, every other conv as an integer kernel
     assert float_convs_expected(path) == 2 and float_convs_expected(exported["int8"]) == 0
@@ -249,7 +251,7 @@ def test_16bit_outputs_are_stored_as_uint16_and_the_file_follows_the_fake_quant_
         convert(model)  # no integer torch kernels for them
     integer, grids = convert_for_export(model)
     assert list(grids) == wide
-    path = export_onnx(integer, tmp_path / "a16.onnx", meta, 17)
+    path = export_onnx(integer, tmp_path / "a16.onnx", meta, file_opset(17, wide_types=True))
     assert store_int16_activations(path, grids) == 2
     graph = onnx.load(str(path)).graph
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
@@ -266,7 +268,7 @@ def test_16bit_outputs_are_stored_as_uint16_and_the_file_follows_the_fake_quant_
     # Calibrated, not trained with fake-quant: on these 15 images its top-1 margins go down to 3
     # output steps, and the file's integer rounding, 10 steps from fake-quant's, flips up to 2
     # answers (measured on an AMX Xeon; none on an AVX2 EPYC). Logits within 16 steps is the sharp test.
-    gates = dataclasses.replace(BRIEF_MODEL_GATES, min_int8_agreement=0.8)
+    gates = BRIEF_MODEL_GATES.model_copy(update={"min_agreement": 0.8})
     checks = check_int8_export(None, model, path, val_x, gates)
     assert checks["conv_kernels"]["float"] == float_convs_expected(path)
     assert checks["parity_fake_quant"]["max_abs_diff"] <= 16 * output_step(path)
@@ -274,5 +276,34 @@ def test_16bit_outputs_are_stored_as_uint16_and_the_file_follows_the_fake_quant_
     other = copy.deepcopy(model)
     with torch.no_grad():
         other.get_submodule(layers[-1]).weight.neg_()
-    with pytest.raises(UserError, match="a16.onnx: top-1 agreement with the fake-quant model"):
+    with pytest.raises(UserError, match=r"a16.onnx: max \|logit\| diff vs the fake-quant model .* output steps"):
         check_int8_export(None, other, path, val_x, gates)
+
+
+
+def test_int8_gate_fires_on_a_file_with_other_ranges(exported, fp32, meta, prepared_small):
+    """The kind of broken file that agrees on top-1 but holds other integers: the same network with
+    its ranges calibrated on other images (docs/int8.md#export-checks). The step bound catches it."""
+    info = load_info(prepared_small)
+    train = normalize(load_split(prepared_small, "train")[0], info.mean, info.std)
+    other = convert(calibrate(prepare_qat(fp32, meta.image_size), [train]))
+    val = normalize(load_split(prepared_small, "val")[0], info.mean, info.std)
+    with pytest.raises(UserError, match=r"int8.onnx: max \|logit\| diff vs the integer torch model .* output steps"):
+        check_int8_export(other, exported["qat"], exported["int8"], val, BRIEF_MODEL_GATES)
+
+
+def test_each_file_is_written_at_the_opset_it_needs(exported, fp32, meta, val_x, tmp_path):
+    def opset_of(path):
+        return next(o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx"))
+
+    assert file_opset(17, wide_types=False) == 17 and file_opset(17, wide_types=True) == 21
+    assert file_opset(21, wide_types=False) == 21 and opset_of(exported["fp32"]) == 17
+    # past the TorchScript exporter's last opset (20) the file is converted, not relabelled: same answers
+    converted = export_onnx(fp32, tmp_path / "fp32_21.onnx", meta, 21)
+    assert opset_of(converted) == 21
+    assert check_fp32_export(fp32, converted, val_x, FP32_GATES)["max_abs_diff"] <= FP32_GATES.parity_atol
+    # INT4/UINT16 types are stored only into a file exported at an opset that has them
+    at17 = export_onnx(exported["integer"], tmp_path / "int8_17.onnx", meta, 17)
+    weights = exported["integer"].get_submodule("classifier.3").weight().int_repr().numpy()
+    with pytest.raises(UserError, match=r"int8_17.onnx: opset 17 has no INT4/UINT16"):
+        store_int4_weights(at17, [weights])

@@ -205,9 +205,9 @@ def test_make_report_lists_width_change_and_student_deltas(changed_student_repo:
         assert re.search(rf"\| metrics/{stage}\.json \| params \| [\d.]+ K \| [\d.]+ K \| \+[\d.]+ K \(\+[\d.]+%\) \| worse \|",
                          report), stage
     for model in ("fp32", "int8"):  # the exported ONNX files grow too
-        assert re.search(rf"\| metrics/evaluate\.json \| {model}\.size_bytes \| .* [KM]B \| .* [KM]B \| \+.* \| worse \|",
+        assert re.search(rf"\| metrics/evaluate/{model}\.json \| size_bytes \| .* [KM]B \| .* [KM]B \| \+.* \| worse \|",
                          report), model
     assert "metrics/teacher_" not in report  # teachers were not retrained
     # The size/latency trade-off moved: rendered to a PNG that the report shows.
-    assert "![plots/tradeoff.csv](plots/plots_tradeoff.csv.png)" in report
-    assert (repo / "reports/pr/plots/plots_tradeoff.csv.png").read_bytes().startswith(PNG_MAGIC)
+    assert "![tradeoff](plots/tradeoff.png)" in report
+    assert (repo / "reports/pr/plots/tradeoff.png").read_bytes().startswith(PNG_MAGIC)

@@ -12,9 +12,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from tiny_pipeline import repo_params
 from torch import nn
 
-from edgekd.config import DataConfig
 from edgekd.data.images import load_image
 from edgekd.data.prepared import normalize
 from edgekd.deploy.export import ModelMeta, export_onnx
@@ -61,7 +61,7 @@ def mixed_folder(small_rice_tree, tmp_path):
 def expected_answer(model_path: Path, image: Path) -> tuple[str, float]:
     """Class and top softmax probability of the ONNX model for one image, computed here: the
     training side's decode and normalisation, a plain onnxruntime session, torch's softmax."""
-    pixels = torch.from_numpy(load_image(image, SIZE, DataConfig.max_image_pixels)).permute(2, 0, 1)[None]
+    pixels = torch.from_numpy(load_image(image, SIZE, repo_params().data.max_image_pixels)).permute(2, 0, 1)[None]
     x = normalize(pixels, MEAN, STD).numpy()  # (1, 3, SIZE, SIZE)
     sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     probs = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x})[0][0]).double().softmax(0)

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from tiny_pipeline import repo_params
 from torch.ao.nn.intrinsic import qat as nniqat
-from torch.ao.quantization import FakeQuantize
+from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver
 
-from edgekd.config import StudentConfig
 from edgekd.data.prepared import load_info, load_split, normalize
 from edgekd.deploy.export import ModelMeta, compare, export_onnx
 from edgekd.deploy.sessions import make_runner
@@ -29,7 +29,7 @@ from edgekd.train.quant import (
     set_qat_phase,
 )
 
-ARCH = StudentConfig().arch  # the default student
+ARCH = repo_params().student.arch  # the default student
 SPEC = {"arch": ARCH, "width": 0.25, "stem": "imagenet"}  # a checkpoint's model entry (model_payload)
 
 
@@ -125,6 +125,28 @@ def test_qat_stage_keeps_the_last_epoch_frozen(tiny_repo_template):
     metrics = json.loads((tiny_repo_template / "metrics/qat.json").read_text())
     params = yaml.safe_load((tiny_repo_template / "params.yaml").read_text())
     assert metrics["epochs_run"] == params["qat"]["epochs"]
+
+
+def test_ptq_calibration_weighs_every_batch_not_the_first(prepared_small):
+    """Prepared splits are sorted by class: calibration batches in file order are one class each.
+    Every activation range must be the min/max over all of them, as if they came in one batch."""
+    info = load_info(prepared_small)
+    images, labels = load_split(prepared_small, "train")
+    x = normalize(images, info.mean, info.std)
+    torch.manual_seed(0)
+    fp32 = build_model(ARCH, len(info.classes), 0.25).eval()
+    per_class = calibrate(prepare_qat(fp32, info.image_size), [x[labels == c] for c in labels.unique()])
+    at_once = calibrate(prepare_qat(fp32, info.image_size), [x])
+
+    def ranges(model):
+        return {name: (m.scale.item(), m.zero_point.item()) for name, m in model.named_modules()
+                if isinstance(m, FakeQuantize) and m.qscheme == torch.per_tensor_affine}
+
+    assert len(ranges(at_once)) > 20 and ranges(per_class) == pytest.approx(ranges(at_once), rel=1e-5)
+    # the state a checkpoint saves: the training observers hold the whole-set ranges too
+    first = per_class.activation_post_process_0.activation_post_process
+    assert isinstance(first, MovingAverageMinMaxObserver)
+    assert (first.min_val.item(), first.max_val.item()) == (x.min().item(), x.max().item())
 
 
 def test_ptq_calibration_takes_the_data_ranges_and_freezes_them(prepared_small):

@@ -26,5 +26,5 @@ def test_push_then_pull_into_a_fresh_clone_reproduces_nothing(tiny_repo: Path, t
     assert "Data and pipelines are up to date" in sh("dvc", "status", cwd=clone).stdout
     repro = sh("dvc", "repro", cwd=clone).stdout
     assert "Running stage" not in repro and "Data and pipelines are up to date" in repro
-    metrics = json.loads((clone / "metrics/evaluate.json").read_text())
-    assert metrics == json.loads((tiny_repo / "metrics/evaluate.json").read_text())
+    metrics = json.loads((clone / "metrics/evaluate/int8.json").read_text())
+    assert metrics == json.loads((tiny_repo / "metrics/evaluate/int8.json").read_text())

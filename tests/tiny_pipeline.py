@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from edgekd.config import Params, params_from_dict
 from edgekd.runtime import PARAMS_TRACE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +29,7 @@ TINY_OVERRIDES = {
     # 1-epoch models: logits span ~200 fine steps of their output grid, and the same rounding noise
     # that is 4-6 steps for a trained student reaches 15-34 here (measured; 34: the stock
     # mobilenet_v3_small student); agreement 1.0 on val.
-    "export": {"int8_logit_tolerance_steps": 48, "min_int8_agreement": 0.8},
+    "export": {"quantized": {"max_logit_steps": 48, "min_agreement": 0.8}},
     "bench": {"warmup": 2, "runs": 10, "batch": 4},
 }
 
@@ -64,6 +65,12 @@ def set_params(repo: Path, overrides: dict) -> None:
     """Merge nested `overrides` into the repo's params.yaml."""
     path = repo / "params.yaml"
     path.write_text(yaml.safe_dump(deep_update(yaml.safe_load(path.read_text()), overrides), sort_keys=False))
+
+
+def repo_params(overrides: dict | None = None) -> Params:
+    """This checkout's params.yaml with nested `overrides` merged in: every value a test does not set
+    comes from there, the one place defaults are written (edgekd.config declares none)."""
+    return params_from_dict(deep_update(yaml.safe_load((REPO / "params.yaml").read_text()), overrides or {}))
 
 
 def project_files() -> list[str]:

@@ -1,6 +1,6 @@
 """The benchmark's rows: every model on the same test split, every ONNX file timed in one process.
 
-Our students' accuracy comes from the `evaluate` stage (metrics/evaluate.json); their latency is
+Our students' accuracy comes from the `evaluate@<model>` stages (metrics/evaluate/<model>.json); their latency is
 measured again here, back to back with the seed framework's models, so that ratios compare like
 with like on a shared, noisy CPU.
 """

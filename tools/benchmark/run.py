@@ -64,7 +64,7 @@ def main() -> None:
     seeds = cfg.get("student_seeds") or [load_params().student.seed]
     full = run_experiment(["-f", *overrides_to_args(cfg["overrides"]), "-S", f"student.seed={seeds[0]}"], repo)
     runs = [full]
-    main_eval = read_json(repo / "metrics" / "evaluate.json")
+    main_eval = read_evaluations(repo)
     params = load_params()
     main_params_text = (repo / "params.yaml").read_text()
 
@@ -77,7 +77,7 @@ def main() -> None:
     incremental = []
     for seed in seeds[1:]:
         incremental.append(({"student.seed": seed}, departing({"student.seed": seed})))
-        evaluations[seed] = read_json(repo / "metrics" / "evaluate.json")
+        evaluations[seed] = read_evaluations(repo)
         val[params.kd.ensemble][seed] = distill_val_accuracy(repo)
     for scheme in cfg.get("compare_ensembles", []):
         val[scheme] = {}
@@ -89,11 +89,11 @@ def main() -> None:
         run = departing(variant)
         v_params = load_params()
         variants.append(comparison.variant_row(v_params.student, v_params.student_image_size,
-                                                 read_json(repo / "metrics" / "evaluate.json")))
+                                                 read_evaluations(repo)))
         incremental.append((variant, run))
 
     subprocess.run(["dvc", "exp", "apply", full.name], cwd=repo, check=True)
-    if read_json(repo / "metrics" / "evaluate.json") != main_eval:
+    if read_evaluations(repo) != main_eval:
         raise RuntimeError("dvc exp apply did not restore the main run's metrics")
 
     params = load_params()
@@ -116,7 +116,7 @@ def main() -> None:
         "ensembles": comparison.ensemble_rows(val),
         "variants": variants,
         "pipeline": pipeline,
-        "int8_export": read_json(repo / "metrics" / "export.json")["student_int8"],
+        "int8_export": read_json(repo / "metrics" / "export" / "int8.json"),
         "published": cfg.get("published"),
         "notes": comparison.notes(cfg.get("seed_models")) + cfg.get("notes", []),
         "bench_wall_s": round(time.perf_counter() - start),
@@ -124,6 +124,11 @@ def main() -> None:
     write_report(results, out, cfg["goals"])
     # Written here, not by a shell redirect: `dvc exp run` resets git-tracked files such as this one.
     (out / "benchmark.log").write_text("\n".join(line for run in runs for line in run.output) + "\n")
+
+
+def read_evaluations(repo: Path) -> dict[str, dict]:
+    """Every `evaluate@<name>` stage's metrics in the workspace, by model name."""
+    return {path.stem: read_json(path) for path in sorted((repo / "metrics" / "evaluate").glob("*.json"))}
 
 
 def distill_val_accuracy(repo: Path) -> float:

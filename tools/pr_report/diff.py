@@ -30,8 +30,8 @@ def higher_is_better(leaf: str) -> bool | None:
 
 @dataclass(frozen=True)
 class MetricChange:
-    path: str  # metrics file, e.g. metrics/evaluate.json
-    metric: str  # dotted key inside it, e.g. int8.latency_p50_ms
+    path: str  # metrics file, e.g. metrics/evaluate/int8.json
+    metric: str  # dotted key inside it, e.g. latency_p50_ms
     old: float | None  # None: absent at the base revision
     new: float | None  # None: absent in the workspace
 

@@ -46,7 +46,7 @@ MB = 2**20
 PIPELINE_PARAMS = {"teachers": {"epochs": 1}, "student": {"epochs": 1}, "kd": {"views": 1},
                    "qat": {"epochs": 2, "freeze_bn_epoch": 1, "freeze_observer_epoch": 1},
                    "train": {"max_steps_per_epoch": 20},
-                   "export": {"int8_logit_tolerance_steps": 10**6, "min_int8_agreement": 0.0}}
+                   "export": {"quantized": {"max_logit_steps": 10**6, "min_agreement": 0.0}}}
 
 
 def demo_tree(work: Path, images: int, largest: int) -> Path:

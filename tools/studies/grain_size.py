@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from edgekd.config import DataConfig
+from edgekd.config import load_params
 from edgekd.data.images import load_rgb
 from edgekd.data.scan import scan_tree
 from tools import formatting as fmt
@@ -40,7 +40,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("reports/grain_size.json"))
     args = parser.parse_args()
     scan = scan_tree(args.root)
-    rows = [(label, *grain_shape(load_rgb(path, DataConfig.max_image_pixels), args.threshold))
+    max_pixels = load_params().data.max_image_pixels  # run from the repository root
+    rows = [(label, *grain_shape(load_rgb(path, max_pixels), args.threshold))
             for path, label in scan.files]
     frame = pd.DataFrame(rows, columns=["variety", "area", "elongation"])
     table = frame.groupby("variety").agg(images=("area", "size"), area_mean=("area", "mean"),

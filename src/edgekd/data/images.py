@@ -53,7 +53,7 @@ def load_rgb(path: str | Path, max_pixels: int) -> np.ndarray:
                 if width * height > max_pixels:
                     raise ImageTooLarge(
                         f"{path}: {width}x{height} = {width * height} pixels exceeds the limit of "
-                        f"{max_pixels} (data.max_image_pixels)"
+                        f"{max_pixels}"
                     )
                 im.load()
                 return _to_rgb_array(ImageOps.exif_transpose(im))

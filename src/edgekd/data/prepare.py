@@ -4,6 +4,10 @@ without leakage, write the prepared data and describe it (see the modules it cal
 The decoded pixels never sit in RAM as a whole: they are decoded into a memory-mapped staging file
 in scan order, copied chunk by chunk into each split's memory-mappable array, and the staging file
 is removed. Disk, not memory, bounds the dataset: twice the decoded cache while it runs.
+
+All of it happens in a hidden sibling of the output folder (`.prepared.building-<pid>`), renamed into
+place once complete: a failed or killed run leaves the previous prepared folder (or none), never
+a half-written one, and a failed run removes everything it wrote.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import numpy as np
 from edgekd.config import DataConfig
 from edgekd.data.decode import Decoded, decode_all
 from edgekd.data.dedup import group_duplicates
-from edgekd.data.prepared import SPLITS, load_info, write_prepared
+from edgekd.data.prepared import SPLITS, building, check_replaceable, load_info, write_prepared
 from edgekd.data.scan import Scan, scan_tree
 from edgekd.data.split import split_groups
 from edgekd.data.stats import DataReport, data_report
@@ -30,13 +34,14 @@ STAGING_FILE = "decoded.tmp.npy"  # every decoded image in scan order; removed b
 
 def check_cache_size(n_images: int, cfg: DataConfig, out_dir: Path) -> None:
     """Refuse, before decoding anything, a decoded cache above data.cache_limit_mb or one that the
-    disk under `out_dir` cannot hold twice (the staging file and the splits)."""
+    disk under `out_dir` (its folder: it is built beside it) cannot hold twice (the staging file
+    and the splits)."""
     need_mb = n_images * 3 * cfg.image_size**2 / 2**20
     if need_mb > cfg.cache_limit_mb:
         raise DataError(f"data: the decoded cache needs {need_mb:.0f} MB for {n_images} images at "
                         f"data.image_size={cfg.image_size}, above data.cache_limit_mb="
                         f"{cfg.cache_limit_mb}; lower the image size or raise the limit")
-    free_mb = shutil.disk_usage(out_dir).free / 2**20
+    free_mb = shutil.disk_usage(out_dir.parent).free / 2**20
     if 2 * need_mb > free_mb:
         raise DataError(f"{out_dir}: {free_mb:.0f} MB free, but preparing {n_images} images at "
                         f"data.image_size={cfg.image_size} needs {2 * need_mb:.0f} MB while it runs "
@@ -55,13 +60,12 @@ def prepare_dataset(root: str | Path, out_dir: str | Path, cfg: DataConfig, seed
     """Scan, decode, group, split and cache `root` into `out_dir`; returns the data report."""
     root, out_dir = Path(root), Path(out_dir)
     scan = scan_tree(root)
-    created = not out_dir.exists()  # removed again if this run fails: bad input leaves nothing behind
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = out_dir / STAGING_FILE
-    try:
+    check_replaceable(out_dir)  # before any work: an output that may not be replaced fails at once
+    with building(out_dir) as work:  # out_dir itself changes only by the final rename
         check_cache_size(len(scan.files), cfg, out_dir)
         log.info("prepare: %d files in %d classes under %s", len(scan.files), len(scan.classes),
                  scan.class_root)
+        staging = work / STAGING_FILE
         pixels = np.lib.format.open_memmap(staging, "w+", np.uint8,
                                            (len(scan.files), cfg.image_size, cfg.image_size, 3))
         dec = decode_all(scan.files, cfg.image_size, cfg.max_image_pixels, pixels)
@@ -77,11 +81,6 @@ def prepare_dataset(root: str | Path, out_dir: str | Path, cfg: DataConfig, seed
             if not (split == s).any():
                 raise DataError(f"data root {root}: too few images ({len(labels)}) to fill the "
                                 f"'{name}' split; add images or change data.{name}_fraction")
-        write_prepared(out_dir, dec.images, rel, labels, groups, split, scan.classes, cfg.image_size)
-    except BaseException:
-        if created:
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
-    finally:
-        staging.unlink(missing_ok=True)
+        write_prepared(work, dec.images, rel, labels, groups, split, scan.classes, cfg.image_size)
+        staging.unlink()  # the mapping stays valid; the space is freed once it is dropped
     return data_report(scan, dec, rel, labels, split, dup_stats, groups, load_info(out_dir))

@@ -6,13 +6,21 @@ stage turns it into model input.
 image_size, mean, std). Stages read it through `load_split` / `load_info` and feed models
 `normalize(resize_batch(x))` (`ModelInputs`), a batch at a time.
 
+A prepared folder is whole or absent, never half-written: it is built in a hidden sibling folder
+(`building`), `info.json` written last, and renamed into place only when complete. `info.json` is
+the completion mark: `load_info` and `load_split` refuse a folder without it.
+
 The image arrays are memory-mapped, never read whole: a stage's RAM holds the batches it touches,
 and the pages it has read are file cache the OS can drop, so a split larger than RAM still trains.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -38,24 +46,35 @@ class DatasetInfo:
     std: list[float]
 
 
+def _require_complete(prepared_dir: Path) -> Path:
+    """`prepared_dir/info.json`, or a one-line error: a folder without it is not (finished) prepared
+    data, whatever arrays it holds."""
+    path = prepared_dir / "info.json"
+    if not path.is_file():
+        if not prepared_dir.exists():
+            raise DataError(f"{prepared_dir}: not found; run the prepare stage first")
+        raise DataError(f"{prepared_dir}: no info.json, so not complete prepared data (prepare writes "
+                        "it last; was a run interrupted?); run the prepare stage again")
+    return path
+
+
 def load_info(prepared_dir: str | Path) -> DatasetInfo:
-    path = Path(prepared_dir) / "info.json"
+    path = _require_complete(Path(prepared_dir))
     try:
         raw = json.loads(path.read_text())
         return DatasetInfo(list(raw["classes"]), int(raw["image_size"]),
                            [float(v) for v in raw["mean"]], [float(v) for v in raw["std"]])
-    except FileNotFoundError:
-        raise DataError(f"{path}: not found; run the prepare stage first") from None
     except (KeyError, TypeError, ValueError) as err:
         raise DataError(f"{path}: malformed prepared-data info ({err})") from None
 
 
 def load_split(prepared_dir: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images uint8 (N, 3, H, W), memory-mapped; labels int64 (N,)) of one split. Copy-on-write
-    mapping: the tensor is writable as torch expects, and the file is never changed. No pickle is
-    ever loaded."""
+    """(images uint8 (N, 3, H, W), memory-mapped; labels int64 (N,)) of one split of a complete
+    prepared folder (one with info.json). Copy-on-write mapping: the tensor is writable as torch
+    expects, and the file is never changed. No pickle is ever loaded."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    size = load_info(prepared_dir).image_size
     images_path, labels_path = (Path(prepared_dir) / f"{split}_{part}.npy" for part in ("images", "labels"))
     try:
         images = np.load(images_path, mmap_mode="c", allow_pickle=False)
@@ -64,17 +83,91 @@ def load_split(prepared_dir: str | Path, split: str) -> tuple[torch.Tensor, torc
         raise DataError(f"{err.filename}: not found; run the prepare stage first") from None
     except (ValueError, OSError) as err:
         raise DataError(f"{images_path}: unreadable prepared split ({err})") from None
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != 3 or labels.shape != images.shape[:1]:
-        raise DataError(f"{images_path}: expected uint8 (N, 3, H, W) images and N labels, got "
-                        f"{images.dtype} {images.shape} and {labels.shape[0] if labels.ndim else 0} labels")
+    if (images.dtype != np.uint8 or images.shape[1:] != (3, size, size)
+            or labels.shape != images.shape[:1]):
+        raise DataError(f"{images_path}: expected uint8 (N, 3, {size}, {size}) images (info.json "
+                        f"image_size) and N labels, got {images.dtype} {images.shape} and "
+                        f"{labels.shape[0] if labels.ndim else 0} labels")
     return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
+
+
+PREPARED_FILES = frozenset({"info.json", *(f"{s}{part}" for s in SPLITS
+                                          for part in (".csv", "_images.npy", "_labels.npy"))})
+
+
+def check_replaceable(out_dir: Path) -> None:
+    """Refuse, with a one-line error, an `out_dir` that `building` must not replace: a file, or a
+    folder holding anything but prepared data (an earlier in-place writer's staging file aside)."""
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if not out_dir.is_dir():
+        raise DataError(f"{out_dir}: exists and is not a folder; remove it or choose another output")
+    legacy = {"decoded.tmp.npy"}  # the staging file of an in-place prepare killed before this one
+    other = sorted(p.name for p in out_dir.iterdir() if p.name not in PREPARED_FILES | legacy)
+    if other:
+        raise DataError(f"{out_dir}: holds files that are not prepared data ({', '.join(other[:3])}"
+                        f"{', ...' if len(other) > 3 else ''}), which writing prepared data there would "
+                        "delete; remove them or choose another output folder")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(out_dir: Path) -> None:
+    """Hidden siblings that a killed `building` left behind (its process is gone)."""
+    for path in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*-*"):
+        kind, _, pid = path.name[len(out_dir.name) + 2:].rpartition("-")
+        if kind in ("building", "replaced") and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def building(out_dir: str | Path) -> Iterator[Path]:
+    """A fresh hidden sibling folder of `out_dir` (`.<name>.building-<pid>`) to write prepared data
+    into; on a normal exit it replaces `out_dir` by a rename, on an exception it is removed and
+    `out_dir` is left as it was. Killed part-way, it leaves `out_dir` as it was (or, between the two
+    renames of a replacement, absent) and never a half-written folder there; the next `building`
+    of the same `out_dir` removes what a dead process left."""
+    out_dir = Path(out_dir)
+    check_replaceable(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out_dir)
+    work = out_dir.with_name(f".{out_dir.name}.building-{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        yield work
+        if not (work / "info.json").is_file():
+            raise RuntimeError(f"{work}: no info.json written; prepared data is incomplete")
+        if out_dir.exists() or out_dir.is_symlink():
+            old = out_dir.with_name(f".{out_dir.name}.replaced-{os.getpid()}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(out_dir, old)
+            try:
+                os.rename(work, out_dir)
+            except BaseException:
+                os.rename(old, out_dir)  # the previous folder back where it was
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(work, out_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
 
 
 def write_prepared(out_dir: Path, images: np.ndarray, rel: list[str], labels: np.ndarray,
                    groups: np.ndarray, split: np.ndarray, classes: list[str], size: int) -> None:
-    """Each split's manifest and arrays, by class then path; `images` (N, S, S, 3) in scan order is
-    read a chunk at a time (it is the memory-mapped staging file in `prepare`)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Each split's manifest and arrays, by class then path, then info.json, last: write into the
+    folder `building` gives, never into the prepared folder itself. `images` (N, S, S, 3) in scan
+    order is read a chunk at a time (it is the memory-mapped staging file in `prepare`)."""
     for s, name in enumerate(SPLITS):
         idx = np.flatnonzero(split == s)
         idx = idx[np.lexsort((np.array(rel)[idx], labels[idx]))]  # by class, then path

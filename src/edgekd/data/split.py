@@ -32,3 +32,21 @@ def split_groups(labels: np.ndarray, groups: np.ndarray, fractions: dict[str, fl
         split[members[g]] = s
         have[s] += counts
     return split
+
+
+def stratified_sample(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """`count` indices (all, if fewer) drawn at random within each class, in proportion to the
+    class sizes (largest remainders), returned in a seeded random order.
+
+    The prepared splits are stored sorted by class, so a prefix of a split is one or two classes:
+    calibration or statistics taken on it describe those classes only.
+    """
+    rng = np.random.default_rng(seed)
+    per_class = np.bincount(labels)
+    count = min(count, len(labels))
+    quota = per_class * count / len(labels)
+    take = np.floor(quota).astype(np.int64)
+    short = count - int(take.sum())
+    take[np.argsort(-(quota - take), kind="stable")[:short]] += 1
+    picked = [rng.choice(np.flatnonzero(labels == c), size=int(n), replace=False) for c, n in enumerate(take)]
+    return rng.permutation(np.concatenate(picked))

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.version_converter
 import onnxruntime as ort
 import torch
 from torch import nn
 
-from edgekd.config import ExportConfig
+from edgekd.config import Fp32Gates, QuantizedGates
 from edgekd.data.images import RESIZE_METHOD
 from edgekd.deploy.sessions import Runner, make_runner, ort_session
 from edgekd.errors import UserError
@@ -30,6 +31,16 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 REQUIRED_METADATA = ("classes", "image_size", "mean", "std", "resize")
 INTEGER_CONVS = {"QLinearConv", "ConvInteger"}
 FLOAT_CONVS = {"Conv", "FusedConv"}  # any domain: com.microsoft(.nchwc) variants are float too
+# The TorchScript exporter (the one that exports FX-converted integer models) writes opsets up to 20;
+# a file at a later opset is converted from 20 by onnx's version converter.
+TORCHSCRIPT_MAX_OPSET = 20
+WIDE_TYPES_OPSET = 21  # the first opset with INT4 and UINT16 QuantizeLinear/DequantizeLinear
+
+
+def file_opset(requested: int, wide_types: bool) -> int:
+    """The opset a file is exported at: `export.opset`, raised to 21 for a file that stores INT4
+    weights or UINT16 activations (those types do not exist before it). The one place that decides."""
+    return max(requested, WIDE_TYPES_OPSET) if wide_types else requested
 
 
 @dataclass(frozen=True)
@@ -85,12 +96,14 @@ def read_metadata(path: str | Path) -> ModelMeta:
 
 
 def export_onnx(model: nn.Module, path: str | Path, meta: ModelMeta, opset: int) -> Path:
-    """Export with a dynamic batch axis, fold constants, shorten names, attach metadata, check.
+    """Export at `opset` (`file_opset`) with a dynamic batch axis, fold constants, shorten names,
+    attach metadata, check.
 
     The TorchScript exporter (dynamo=False) is the one that exports FX-converted integer models;
     its raw output repeats casts/constants per layer and carries long tensor names, which cost
     ~100 KB at width 0.25 — onnxruntime's BASIC level (portable constant folding, standard ops only)
-    and renaming remove that without touching a single weight.
+    and renaming remove that without touching a single weight. Opsets past what it writes are reached
+    by onnx's version converter, which rewrites every node whose definition changed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,11 +112,14 @@ def export_onnx(model: nn.Module, path: str | Path, meta: ModelMeta, opset: int)
         raw, folded = Path(tmp) / "raw.onnx", Path(tmp) / "folded.onnx"
         with warnings.catch_warnings():  # the TorchScript exporter's deprecation/tracer notices
             warnings.simplefilter("ignore")
-            torch.onnx.export(model.eval(), (example,), str(raw), dynamo=False, opset_version=opset,
+            torch.onnx.export(model.eval(), (example,), str(raw), dynamo=False,
+                              opset_version=min(opset, TORCHSCRIPT_MAX_OPSET),
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                               dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
         ort_session(raw, optimized_path=folded, level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
         onnx_model = onnx.load(str(folded))
+    if opset > TORCHSCRIPT_MAX_OPSET:
+        onnx_model = onnx.version_converter.convert_version(onnx_model, opset)
     _shorten_names(onnx_model.graph)
     onnx.helper.set_model_props(onnx_model, meta.to_props())
     onnx.checker.check_model(onnx_model, full_check=True)
@@ -139,11 +155,11 @@ def store_int4_weights(path: str | Path, int4_weights: list[np.ndarray]) -> int:
     DequantizeLinear; a layer with 4-bit weights holds values in -7..7 there. Each array of
     `int4_weights` (the converted torch model's integer weights of one 4-bit layer) is found by
     shape and value, stored as INT4 (two per byte) with an INT4 zero point of its own, and the
-    opset raised to 21, the first with INT4 DequantizeLinear. onnxruntime runs such a layer as
+    file must be at opset 21 or later (`file_opset`). onnxruntime runs such a layer as
     DequantizeLinear -> float Conv: it saves bytes, not time. Returns the number of layers stored.
     """
     path = Path(path)
-    model = onnx.load(str(path))
+    model = _load_at_wide_opset(path)
     graph = model.graph
     for weights in int4_weights:
         matches = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8
@@ -160,7 +176,7 @@ def store_int4_weights(path: str | Path, int4_weights: list[np.ndarray]) -> int:
                 name = f"{init.name}_zp_int4"
                 graph.initializer.append(int4_tensor(name, zp))
                 node.input[2] = name
-    _save_at_opset21(model, path)  # INT8 zero points left behind go
+    _save_rewritten(model, path)  # INT8 zero points left behind go
     return len(int4_weights)
 
 
@@ -173,10 +189,11 @@ def store_int16_activations(path: str | Path, grids: dict[str, tuple[float, floa
     outputs get the real scale and a UINT16 zero point of their own (initializers are shared between
     nodes, so none is changed in place). onnxruntime runs a
     conv reading or writing such a tensor as a float Conv between DequantizeLinear and
-    QuantizeLinear: 16-bit activations cost time and save no byte. Returns the number of layers.
+    QuantizeLinear: 16-bit activations cost time and save no byte. The file must be at opset 21 or
+    later (`file_opset`). Returns the number of layers.
     """
     path = Path(path)
-    model = onnx.load(str(path))
+    model = _load_at_wide_opset(path)
     graph = model.graph
     values = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
     for i, (layer, (placeholder, scale, zero_point)) in enumerate(grids.items()):
@@ -193,21 +210,27 @@ def store_int16_activations(path: str | Path, grids: dict[str, tuple[float, floa
                     f"read by {sorted({n.op_type for n in readers})}, not only DequantizeLinear")
             for node in (quantize, *readers):
                 node.input[1], node.input[2] = scale_name, zp_name
-    _save_at_opset21(model, path)
+    _save_rewritten(model, path)
     return len(grids)
 
 
-def _save_at_opset21(model: onnx.ModelProto, path: Path) -> None:
-    """Drop initializers no node reads, raise the opset to 21 (the first with INT4 and UINT16
-    Quantize/DequantizeLinear), check and save atomically."""
+def _load_at_wide_opset(path: Path) -> onnx.ModelProto:
+    """An exported file about to get INT4 or UINT16 tensors. It must already be at an opset that has
+    those types (`file_opset`): raising the number alone would claim a conversion that never ran."""
+    model = onnx.load(str(path))
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    require(opset >= WIDE_TYPES_OPSET, path, f"opset {opset} has no INT4/UINT16 Quantize/DequantizeLinear; "
+            f"export it at file_opset(export.opset, wide_types=True) = {WIDE_TYPES_OPSET} or later")
+    return model
+
+
+def _save_rewritten(model: onnx.ModelProto, path: Path) -> None:
+    """Drop initializers no node reads, check and save atomically."""
     graph = model.graph
     used = {name for node in graph.node for name in node.input}
     kept = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    for opset in model.opset_import:
-        if opset.domain in ("", "ai.onnx"):
-            opset.version = max(opset.version, 21)
     onnx.checker.check_model(model, full_check=True)
     tmp_path = path.with_name(path.name + ".tmp")
     onnx.save(model, str(tmp_path))
@@ -278,60 +301,64 @@ def compare(model: nn.Module, run: Runner, images: torch.Tensor, batch: int = 25
 
 
 def output_step(path: str | Path) -> float:
-    """The step of the INT8 grid the logits come out on: the scale of the graph's last DequantizeLinear."""
+    """The step of an 8-bit grid over the range the logits come out on: the scale of the graph's last
+    DequantizeLinear times (its integer range / 255). For an 8-bit output that is its scale; a file
+    with 16-bit logits is measured on the same coarse scale, so one step bound means the same on
+    every path."""
     graph = onnx.load(str(path)).graph
     producer = next((n for n in graph.node if OUTPUT_NAME in n.output), None)
     if producer is None or producer.op_type != "DequantizeLinear":
         raise UserError(f"{path}: {OUTPUT_NAME!r} does not come from a DequantizeLinear; not an INT8 export")
-    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
-    return float(inits[producer.input[1]])
+    inits = {i.name: i for i in graph.initializer}
+    scale = float(onnx.numpy_helper.to_array(inits[producer.input[1]]))
+    zero_point = inits.get(producer.input[2]) if len(producer.input) > 2 else None
+    wide = zero_point is not None and zero_point.data_type in (onnx.TensorProto.UINT16, onnx.TensorProto.INT16)
+    return scale * (65535 / 255 if wide else 1.0)
 
 
-def check_fp32_export(model: nn.Module, path: str | Path, images: torch.Tensor, cfg: ExportConfig) -> dict:
+def check_fp32_export(model: nn.Module, path: str | Path, images: torch.Tensor, cfg: Fp32Gates) -> dict:
     """Parity of an FP32 ONNX file with its torch model on real images; raises when it is off."""
     parity = compare(model, make_runner(path), images)
     require(parity["max_abs_diff"] <= cfg.parity_atol, path,
-            f"max |logit| diff vs torch {parity['max_abs_diff']:.2e} > export.parity_atol={cfg.parity_atol}")
+            f"max |logit| diff vs torch {parity['max_abs_diff']:.2e} > export.fp32.parity_atol={cfg.parity_atol}")
     return parity
 
 
 def check_int8_export(int8_model: nn.Module | None, fake_quant: nn.Module, path: str | Path, images: torch.Tensor,
-                      cfg: ExportConfig) -> dict:
+                      cfg: QuantizedGates) -> dict:
     """The gates a quantized file must pass, on real images; raises on the first that fails.
 
     - every Conv runs as an integer kernel in onnxruntime (a float Conv is a broken export), except
       those on INT4 weights or UINT16 activations (`float_convs_expected`), which it runs in float;
-    - against the converted integer torch model, the same integers in another engine: top-1
-      agreement >= export.min_int8_agreement and max |logit| difference within
-      export.int8_logit_tolerance_steps steps of the output grid.
-    The fake-quant model's agreement is reported, not gated: fake-quant simulates requantization in
-    float, and its distance from either integer engine is a property of QAT, not of the export.
-    A model with 16-bit activations has no integer torch model (`int8_model` None): its file is
-    gated on top-1 agreement with the fake-quant model instead.
+    - against the reference model: max |logit| difference within export.quantized.max_logit_steps
+      steps of the output grid (`output_step`; the sharp check: a file with other integers is 20+
+      steps off while its top-1 answers may still agree) and top-1 agreement >=
+      export.quantized.min_agreement (docs/int8.md#export-checks: how both were sized).
+    The reference is the converted integer torch model (the same integers in another engine), with
+    the fake-quant model's distance reported, not gated: fake-quant simulates requantization in
+    float, and its distance from either integer engine is a property of QAT, not of the export. A
+    model with 16-bit activations has no integer torch model (`int8_model` None): the fake-quant
+    model is its reference, under the same two bounds.
     """
     convs = conv_kernels(path)
     expected = float_convs_expected(path)
     require(convs["float"] == expected, path, f"{convs['float']} Conv(s) run in float in onnxruntime, "
             f"expected {expected} (those on INT4 weights or 16-bit activations)")
     runner = make_runner(path)
-    if int8_model is None:
-        vs_fake_quant = compare(fake_quant, runner, images)
-        require(vs_fake_quant["top1_agreement"] >= cfg.min_int8_agreement, path,
-                f"top-1 agreement with the fake-quant model {vs_fake_quant['top1_agreement']:.4f} < "
-                f"export.min_int8_agreement={cfg.min_int8_agreement}")
-        return {"parity_fake_quant": vs_fake_quant, "conv_kernels": convs}
-    vs_int8 = compare(int8_model, runner, images)
     step = output_step(path)
-    vs_int8["max_abs_diff_steps"] = vs_int8["max_abs_diff"] / step
-    require(vs_int8["top1_agreement"] >= cfg.min_int8_agreement, path,
-            f"top-1 agreement with the integer torch model {vs_int8['top1_agreement']:.4f} < "
-            f"export.min_int8_agreement={cfg.min_int8_agreement}")
-    require(vs_int8["max_abs_diff_steps"] <= cfg.int8_logit_tolerance_steps, path,
-            f"max |logit| diff vs the integer torch model {vs_int8['max_abs_diff_steps']:.1f} output steps > "
-            f"export.int8_logit_tolerance_steps={cfg.int8_logit_tolerance_steps}")
-    return {"parity_int8_torch": vs_int8, "parity_fake_quant": compare(fake_quant, runner, images),
+    reference, name = (fake_quant, "fake-quant") if int8_model is None else (int8_model, "integer torch")
+    parity = compare(reference, runner, images)
+    parity["max_abs_diff_steps"] = parity["max_abs_diff"] / step
+    require(parity["max_abs_diff_steps"] <= cfg.max_logit_steps, path,
+            f"max |logit| diff vs the {name} model {parity['max_abs_diff_steps']:.1f} output steps > "
+            f"export.quantized.max_logit_steps={cfg.max_logit_steps}")
+    require(parity["top1_agreement"] >= cfg.min_agreement, path,
+            f"top-1 agreement with the {name} model {parity['top1_agreement']:.4f} < "
+            f"export.quantized.min_agreement={cfg.min_agreement}")
+    if int8_model is None:
+        return {"parity_fake_quant": parity, "output_step": step, "conv_kernels": convs}
+    return {"parity_int8_torch": parity, "parity_fake_quant": compare(fake_quant, runner, images),
             "output_step": step, "conv_kernels": convs}
-
 
 
 def meta_from_checkpoint(payload: dict, precision: str, params: int) -> ModelMeta:

@@ -16,14 +16,16 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+from PIL import Image
 
-from edgekd.config import DataConfig
 from edgekd.data.images import IMAGE_EXTENSIONS, UnreadableImage, load_image
 from edgekd.deploy.export import read_metadata
 from edgekd.deploy.sessions import make_runner
 from edgekd.errors import UserError
 
-MAX_PIXELS = DataConfig.max_image_pixels  # the same decompression-bomb guard as training data
+# Decompression-bomb guard of this CLI, which runs where no params.yaml is: Pillow's own limit
+# (the pipeline's guard is params.yaml's data.max_image_pixels).
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 
 
 def expand(paths: list[str]) -> Iterator[Path]:

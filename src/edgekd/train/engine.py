@@ -27,7 +27,7 @@ from tqdm import tqdm
 from edgekd.data.prepared import ModelInputs, normalize, resize_batch
 from edgekd.train.augment import apply_augmentation, draw_augmentation, rows_of
 from edgekd.train.checkpoints import load_checkpoint, save_checkpoint
-from edgekd.train.distributed import Ranks, data_parallel, sum_over_ranks
+from edgekd.train.distributed import Ranks, agree_on, data_parallel, sum_over_ranks, wait_for_all_ranks
 from edgekd.train.models import count_params
 
 log = logging.getLogger("edgekd")
@@ -320,7 +320,8 @@ def fit(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, sch
                  setup.epochs, row["loss"], row["train_acc"], row["val_acc"], lr, row["seconds"],
                  row["images_per_s"])
         _log_live(live, row)
-        stop = setup.patience > 0 and epoch - progress.best_epoch >= setup.patience
+        # Rank 0's decision on every process: their val accuracies can differ (agree_on).
+        stop = agree_on(setup.patience > 0 and epoch - progress.best_epoch >= setup.patience, setup.ranks)
         if setup.resume_path is not None and setup.ranks.main and progress.next_epoch < setup.epochs and not stop:
             _save_resume(setup, model, optimizer, scheduler, progress)
         if stop:
@@ -328,8 +329,10 @@ def fit(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, sch
             break
     if live is not None:
         live.end()
+    # Done: a rerun must start from scratch. No barrier: the other processes read the file only in
+    # `_restore`, whose barrier they passed before rank 0 first wrote it.
     if setup.resume_path is not None and setup.ranks.main:
-        Path(setup.resume_path).unlink(missing_ok=True)  # done: a rerun must start from scratch
+        Path(setup.resume_path).unlink(missing_ok=True)
     model.load_state_dict(progress.best_state)
     return _result(progress)
 
@@ -378,14 +381,20 @@ def _save_resume(setup: FitSetup, model: nn.Module, optimizer: torch.optim.Optim
 
 
 def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, setup: FitSetup) -> _Progress:
-    """Load the resume file if it belongs to this exact run; delete it if it is stale."""
+    """Load the resume file if it belongs to this exact run; rank 0 deletes it if it is stale.
+
+    Every process reads the file and decides before rank 0 may delete it (a barrier); otherwise a
+    process that had just found the file could fail to read it. Only rank 0 writes and deletes it.
+    """
     path = None if setup.resume_path is None else Path(setup.resume_path)
-    if path is None or not path.is_file():
+    state = load_checkpoint(path) if path is not None and path.is_file() else None
+    wait_for_all_ranks(setup.ranks)
+    if state is None:
         return _Progress()
-    state = load_checkpoint(path)
     if state.get("fingerprint") != setup.fingerprint:
         log.info("ignoring %s: written for other params or data", path)
-        path.unlink()
+        if setup.ranks.main:
+            path.unlink()
         return _Progress()
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])

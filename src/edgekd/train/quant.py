@@ -29,6 +29,7 @@ from torch.ao.nn.intrinsic import qat as nniqat
 from torch.ao.quantization import (
     FakeQuantize,
     FakeQuantizeBase,
+    MinMaxObserver,
     MovingAverageMinMaxObserver,
     MovingAveragePerChannelMinMaxObserver,
     QConfig,
@@ -168,16 +169,38 @@ def calibrate(model: torch.fx.GraphModule, batches: Iterable[torch.Tensor]) -> t
 
     The observers record the ranges of the float model's activations and its BN-folded weights
     (fake-quant off while they look, BN on its running statistics, no gradient step), then the model
-    is frozen. Same scheme, same observers, same frozen state as a model after QAT: only the
-    training differs, so the two compare what QAT buys. `batches`: normalised float (B, 3, H, W).
+    is frozen: same scheme, same frozen state as a model after QAT, so the two compare what QAT buys.
+    Each activation range is the min/max over every calibration image (onnxruntime's default
+    calibration): the training observers are moving averages (constant 0.01) whose first batch sets
+    the range, which would calibrate on whatever classes the first batch holds. Weight observers
+    see the same constant weights on every batch, so theirs are exact. `batches`: normalised float
+    (B, 3, H, W).
     """
     model.eval()
     model.apply(disable_fake_quant)
     model.apply(enable_observer)
+    weights = {id(m.weight_fake_quant) for m in model.modules() if hasattr(m, "weight_fake_quant")}
+    activations = [m for m in model.modules() if isinstance(m, FakeQuantize) and id(m) not in weights]
+    training_observers = [fq.activation_post_process for fq in activations]
+    for fq in activations:
+        fq.activation_post_process = _min_max_like(fq.activation_post_process)
     for x in batches:
         model(x)
+    for fq, observer in zip(activations, training_observers):
+        # The training observer keeps the whole-set range: the checkpoint's state dict is the same as
+        # after QAT, and a later re-grid (mixed precision's set_range) starts from these ranges.
+        observer.min_val.resize_(()).copy_(fq.activation_post_process.min_val)
+        observer.max_val.resize_(()).copy_(fq.activation_post_process.max_val)
+        fq.activation_post_process = observer
     model.apply(enable_fake_quant)
     return freeze_qat(model)
+
+
+def _min_max_like(observer: MinMaxObserver) -> MinMaxObserver:
+    """A plain min/max observer with `observer`'s integer grid (16-bit ranges included)."""
+    plain = MinMaxObserver(dtype=observer.dtype, qscheme=observer.qscheme)
+    plain.quant_min, plain.quant_max = observer.quant_min, observer.quant_max
+    return plain
 
 
 def convert(qat_model: nn.Module) -> torch.fx.GraphModule:
