@@ -62,6 +62,10 @@ def read_keys() -> set[str]:
     return set(_READ)
 
 
+# Every params mapping: no unknown key, values of exactly their type, no NaN, read-only once loaded.
+STRICT = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
 class _Section(BaseModel):
     """A params.yaml mapping: every key required, none unknown, values of exactly their type.
 
@@ -69,7 +73,7 @@ class _Section(BaseModel):
     nothing, reading its fields, one by one or all at once with `as_dict`, records each of them.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+    model_config = STRICT
 
     def __init__(self, **values: Any) -> None:  # built in code: the same one-line errors
         try:
@@ -187,7 +191,7 @@ class _Gates(BaseModel):
     """A group of export gates: one params key to DVC (`export.fp32`, `export.quantized`), so each
     `export@<model>` declares exactly the gates its kind of file is checked by."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+    model_config = STRICT
 
 
 class Fp32Gates(_Gates):

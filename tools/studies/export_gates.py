@@ -24,7 +24,7 @@ from edgekd.data.prepared import SPLITS, ModelInputs, load_split
 from edgekd.deploy.export import compare, output_step
 from edgekd.deploy.sessions import make_runner
 from edgekd.runtime import run_stage, select_device
-from edgekd.train.quant import calibrate, convert, convert_for_export, load_qat_model
+from edgekd.train.quant import calibrate, convert, load_qat_model, wide_outputs
 from tools.machine import code_commit, machine_info
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,7 +45,7 @@ def distance(reference, path: Path, images: ModelInputs, step: float) -> dict:
 
 def measure_file(checkpoint: Path, path: Path, splits: dict) -> dict:
     fake_quant, payload = load_qat_model(checkpoint)
-    wide = bool(convert_for_export(fake_quant)[1])  # 16-bit outputs: no integer torch reference
+    wide = bool(wide_outputs(fake_quant))  # 16-bit outputs: no integer torch reference
     reference = fake_quant if wide else convert(fake_quant)
     step = output_step(path)
 

@@ -21,7 +21,7 @@ import numpy as np
 from edgekd.config import DataConfig
 from edgekd.data.decode import Decoded, decode_all
 from edgekd.data.dedup import group_duplicates
-from edgekd.data.prepared import SPLITS, building, check_replaceable, load_info, write_prepared
+from edgekd.data.prepared import SPLITS, building, load_info, write_prepared
 from edgekd.data.scan import Scan, scan_tree
 from edgekd.data.split import split_groups
 from edgekd.data.stats import DataReport, data_report
@@ -60,7 +60,6 @@ def prepare_dataset(root: str | Path, out_dir: str | Path, cfg: DataConfig, seed
     """Scan, decode, group, split and cache `root` into `out_dir`; returns the data report."""
     root, out_dir = Path(root), Path(out_dir)
     scan = scan_tree(root)
-    check_replaceable(out_dir)  # before any work: an output that may not be replaced fails at once
     with building(out_dir) as work:  # out_dir itself changes only by the final rename
         check_cache_size(len(scan.files), cfg, out_dir)
         log.info("prepare: %d files in %d classes under %s", len(scan.files), len(scan.classes),
