@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP_STAMP := .deps-installed
 
-.PHONY: deps demo-data repro test bench bench-cifar10 bench-cifar10-gpu report clean
+.PHONY: deps demo-data repro studies lint test bench bench-cifar10 bench-cifar10-gpu report clean
 
 # The pinned requirements, then the edgekd package itself (editable: src/edgekd is what runs), once
 # per change of requirements.txt or pyproject.toml.
@@ -17,14 +17,26 @@ deps: $(PIP_STAMP)
 demo-data: deps
 	@if [ ! -d data/rice-demo ]; then $(PYTHON) -m tools.make_demo_data --out data/rice-demo; fi
 
-# --keep-going: a study variant that fails (its export gate, say) stops only the stages that need it;
-# every other file is still exported and measured, and the command still exits non-zero.
+# The deployed model's pipeline (dvc.yaml). --keep-going: a file that fails (its export gate, say) stops
+# only the stages that need it; every other file is still exported and measured, and the command
+# still exits non-zero.
 repro: demo-data
 	dvc repro --keep-going
 
-# One pytest worker per CPU core (pytest-xdist); workers that run out of tests take some from the
-# others (worksteal), since the tiny project's end-to-end tests take minutes and the unit tests seconds.
-test: deps
+# The same, and the studies beside it (studies/dvc.yaml: PTQ, QAT from scratch, mixed precision,
+# 16-bit activations): -P runs every pipeline file of the project.
+studies: demo-data
+	dvc repro -P --keep-going
+
+# ruff's lint rules and formatting (pyproject.toml), checked, never rewritten: `ruff check --fix .`
+# and `ruff format .` apply them.
+lint: deps
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+# Lint, then one pytest worker per CPU core (pytest-xdist); workers that run out of tests take some
+# from the others (worksteal), since the end-to-end tests take minutes and the unit tests seconds.
+test: lint
 	$(PYTHON) -m pytest -n auto --dist worksteal
 
 # PR report: params/metrics/plots of the workspace vs BASE -> reports/pr/report.md + plots/*.png.

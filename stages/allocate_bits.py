@@ -10,9 +10,8 @@ two files are apart so that a change of one budget retrains only the model that 
 from __future__ import annotations
 
 import argparse
-import json
+import csv
 import logging
-from pathlib import Path
 
 from edgekd.config import load_params
 from edgekd.errors import UserError
@@ -25,7 +24,7 @@ log = logging.getLogger("edgekd")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sensitivity", required=True, help="the sensitivity stage's metrics JSON")
+    parser.add_argument("--sensitivity", required=True, help="the sensitivity stage's per-layer CSV (graph order)")
     parser.add_argument("--out", required=True, help="CSV to write: layer, weights, weight_bits")
     parser.add_argument("--activations-out", required=True, help="CSV to write: layer, act16_kl_gain, activation_bits")
     parser.add_argument("--metrics", required=True)
@@ -33,12 +32,15 @@ def main() -> None:
     args = parser.parse_args()
     p = load_params(args.params)
     try:
-        layers = json.loads(Path(args.sensitivity).read_text())["layers"]
+        with open(args.sensitivity, newline="") as f:
+            layers = {row["layer"]: row for row in csv.DictReader(f)}
         weights = {name: int(m["weights"]) for name, m in layers.items()}
         sensitivity = {name: float(m["weight4_kl"]) for name, m in layers.items()}
         act16_gain = {name: float(m["act16_kl_gain"]) for name, m in layers.items()}
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UserError(f"{args.sensitivity}: not a sensitivity report ({err}); rerun the sensitivity stage") from None
+        raise UserError(f"{args.sensitivity}: not a sensitivity table ({err}); rerun the sensitivity stage") from None
+    if not layers:
+        raise UserError(f"{args.sensitivity}: no layers; rerun the sensitivity stage")
     names = list(layers)  # graph order: the first conv first, the classifier last
     keep = [names[0], names[-1]] if p.qat.keep_first_last_8bit else []
     try:
@@ -49,19 +51,32 @@ def main() -> None:
     activation_bits = allocate_activation_bits(act16_gain, p.qat.act16_share)
 
     write_csv(args.out, ["layer", "weights", "weight_bits"], [[n, weights[n], bits[n]] for n in names])
-    write_csv(args.activations_out, ["layer", "act16_kl_gain", "activation_bits"],
-              [[n, f"{act16_gain[n]:.6g}", activation_bits[n]] for n in names])
+    write_csv(
+        args.activations_out,
+        ["layer", "act16_kl_gain", "activation_bits"],
+        [[n, f"{act16_gain[n]:.6g}", activation_bits[n]] for n in names],
+    )
     four = [name for name in names if bits[name] == 4]
-    metrics = {"avg_weight_bits": round(average_bits(bits, weights), 4), "budget": p.qat.avg_weight_bits,
-               "layers_4bit": len(four), "layers": len(names),
-               "weights_4bit": sum(weights[n] for n in four), "weights": sum(weights.values()),
-               "sensitivity_4bit": round(sum(sensitivity[n] for n in four), 6),
-               "layers_act16": sum(b == 16 for b in activation_bits.values()), "act16_share": p.qat.act16_share}
+    metrics = {
+        "avg_weight_bits": round(average_bits(bits, weights), 4),
+        "budget": p.qat.avg_weight_bits,
+        "layers_4bit": len(four),
+        "layers": len(names),
+        "weights_4bit": sum(weights[n] for n in four),
+        "weights": sum(weights.values()),
+        "sensitivity_4bit": round(sum(sensitivity[n] for n in four), 6),
+        "layers_act16": sum(b == 16 for b in activation_bits.values()),
+        "act16_share": p.qat.act16_share,
+    }
     write_metrics(args.metrics, metrics)
-    log.info("allocate_bits: %d of %d layers at 4 bits, %.3f average weight bits (budget %.2f); %d with 16-bit "
-             "outputs", len(four), len(names), metrics["avg_weight_bits"], p.qat.avg_weight_bits,
-             metrics["layers_act16"])
-
+    log.info(
+        "allocate_bits: %d of %d layers at 4 bits, %.3f average weight bits (budget %.2f); %d with 16-bit outputs",
+        len(four),
+        len(names),
+        metrics["avg_weight_bits"],
+        p.qat.avg_weight_bits,
+        metrics["layers_act16"],
+    )
 
 
 if __name__ == "__main__":

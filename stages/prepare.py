@@ -9,7 +9,8 @@ from pathlib import Path
 from edgekd.config import load_params
 from edgekd.data.prepare import prepare_dataset
 from edgekd.parallel import claim_slot
-from edgekd.runtime import run_stage, seed_everything, write_metrics
+from edgekd.runtime import run_stage, write_metrics
+from edgekd.train.device import seed_everything
 
 log = logging.getLogger("edgekd")
 
@@ -35,11 +36,18 @@ def main() -> None:
     result.class_counts.to_csv(plots / "class_counts.csv", index=False)
     result.image_sizes.to_csv(plots / "image_sizes.csv", index=False)
     m = result.metrics
-    log.info("prepare: %d images (train %d, val %d, test %d); %d unreadable skipped; "
-             "%d exact + %d near duplicate links; %d outliers",
-             m["images"]["total"], m["images"]["train"], m["images"]["val"], m["images"]["test"],
-             m["unreadable"]["count"], m["duplicates"]["exact_extra_images"],
-             m["duplicates"]["near_pairs"], m["outliers"]["count"])
+    log.info(
+        "prepare: %d images (train %d, val %d, test %d); %d unreadable skipped; "
+        "%d exact + %d near duplicate links; %d outliers",
+        m["images"]["total"],
+        m["images"]["train"],
+        m["images"]["val"],
+        m["images"]["test"],
+        m["unreadable"]["count"],
+        m["duplicates"]["exact_extra_images"],
+        m["duplicates"]["near_pairs"],
+        m["outliers"]["count"],
+    )
 
 
 if __name__ == "__main__":

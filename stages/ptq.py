@@ -16,11 +16,13 @@ import logging
 import torch
 
 from edgekd.config import as_dict, load_params
-from edgekd.data.prepared import ModelInputs, load_info, load_split, resize_batch
+from edgekd.data.batches import ModelInputs, load_split, resize_batch
+from edgekd.data.prepared import load_info
 from edgekd.data.split import stratified_sample
-from edgekd.runtime import run_stage, select_device, write_metrics
+from edgekd.runtime import run_stage, write_metrics
 from edgekd.train.checkpoints import load_model, model_payload, save_checkpoint
-from edgekd.train.engine import evaluate
+from edgekd.train.device import select_device
+from edgekd.train.evaluation import evaluate
 from edgekd.train.quant import calibrate, convert, prepare_qat
 
 log = logging.getLogger("edgekd")
@@ -46,17 +48,25 @@ def main() -> None:
     model = calibrate(prepare_qat(student, size), ModelInputs(calibration, size, info.mean, info.std, batch))
     per_class = torch.bincount(labels[rows], minlength=len(info.classes)).tolist()
 
-    save_checkpoint(args.out, model_payload(model, payload["model"], dataclasses.replace(info, image_size=size),
-                                            ptq=as_dict(p.ptq)))
+    save_checkpoint(
+        args.out, model_payload(model, payload["model"], dataclasses.replace(info, image_size=size), ptq=as_dict(p.ptq))
+    )
     val = (resize_batch(val[0], size), val[1])
-    metrics = {"calibration_images": len(calibration),
-               "calibration_per_class": dict(zip(info.classes, per_class)),
-               "val_acc_fp32": evaluate(student, *val, info.mean, info.std, batch)["acc"],
-               "val_acc_fake_quant": evaluate(model, *val, info.mean, info.std, batch)["acc"],
-               "val_acc_int8_torch": evaluate(convert(model), *val, info.mean, info.std, batch)["acc"]}
+    metrics = {
+        "calibration_images": len(calibration),
+        "calibration_per_class": dict(zip(info.classes, per_class)),
+        "val_acc_fp32": evaluate(student, *val, info.mean, info.std, batch)["acc"],
+        "val_acc_fake_quant": evaluate(model, *val, info.mean, info.std, batch)["acc"],
+        "val_acc_int8_torch": evaluate(convert(model), *val, info.mean, info.std, batch)["acc"],
+    }
     write_metrics(args.metrics, metrics)
-    log.info("ptq: %d calibration images; val acc fp32 %.4f -> fake-quant %.4f, int8 torch %.4f", len(calibration),
-             metrics["val_acc_fp32"], metrics["val_acc_fake_quant"], metrics["val_acc_int8_torch"])
+    log.info(
+        "ptq: %d calibration images; val acc fp32 %.4f -> fake-quant %.4f, int8 torch %.4f",
+        len(calibration),
+        metrics["val_acc_fp32"],
+        metrics["val_acc_fake_quant"],
+        metrics["val_acc_int8_torch"],
+    )
 
 
 if __name__ == "__main__":

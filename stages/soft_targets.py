@@ -12,13 +12,20 @@ import logging
 import time
 
 from edgekd.config import ENSEMBLES, load_params
-from edgekd.data.prepared import load_info, load_split
-from edgekd.runtime import run_stage, seed_everything, select_device, write_metrics
+from edgekd.data.batches import load_split
+from edgekd.data.prepared import load_info
+from edgekd.runtime import run_stage, write_metrics
 from edgekd.train.checkpoints import load_teachers
-from edgekd.train.engine import evaluate
+from edgekd.train.device import seed_everything, select_device
+from edgekd.train.evaluation import evaluate
 from edgekd.train.losses import ensemble_logits, prepare_teachers
-from edgekd.train.soft_targets import (combine_teachers, compute_soft_targets, save_soft_targets, storage_rounding,
-    stored)
+from edgekd.train.soft_targets import (
+    combine_teachers,
+    compute_soft_targets,
+    save_soft_targets,
+    storage_rounding,
+    stored,
+)
 
 log = logging.getLogger("edgekd")
 
@@ -38,12 +45,22 @@ def main() -> None:
     info, (images, labels), val = load_info(args.data), load_split(args.data, "train"), load_split(args.data, "val")
     teachers = prepare_teachers([m.to(device) for m in load_teachers(args.teachers, params.teachers.archs, info)[0]])
 
-    targets = compute_soft_targets(teachers, images, labels, params.kd.views, params.seed, params.train.augment,
-                                   info.mean, info.std,
-                                   params.train.eval_batch_size, device)
+    targets = compute_soft_targets(
+        teachers,
+        images,
+        labels,
+        params.kd.views,
+        params.seed,
+        params.train.augment,
+        info.mean,
+        info.std,
+        params.train.eval_batch_size,
+        device,
+    )
     # The plain mean on val: confidence weights need the labels, which a deployed model never has.
-    ensemble_val = evaluate(lambda x: ensemble_logits(teachers, x), *val, info.mean, info.std,
-                            params.train.eval_batch_size, device)["acc"]
+    ensemble_val = evaluate(
+        lambda x: ensemble_logits(teachers, x), *val, info.mean, info.std, params.train.eval_batch_size, device
+    )["acc"]
     schemes = ENSEMBLES if len(teachers) > 1 else ("mean",)  # confidence weights compare teachers
     saved = stored(targets)["teacher_logits"].float()  # what the students read
     ensembles = {name: combine_teachers(saved, labels, name) for name in schemes}
@@ -51,17 +68,32 @@ def main() -> None:
 
     save_soft_targets(args.out, targets)
     wall_s = time.perf_counter() - start
-    write_metrics(args.metrics, {
-        "teacher_ensemble_val_acc": ensemble_val, "views": params.kd.views,
-        # each ensemble's accuracy on the augmented training views (how much the targets themselves err)
-        # and each teacher's mean weight in it over every view and image
-        "ensemble_view_acc": view_acc,
-        **storage_rounding(targets["teacher_logits"], labels, schemes),
-        "teacher_weights": {name: dict(zip(params.teachers.archs, weights.round(decimals=4).tolist()))
-                            for name, (_, weights) in ensembles.items() if name != "mean"},
-        "images_per_s": round(params.kd.views * len(images) / wall_s, 1), "wall_s": round(wall_s, 1)})
-    log.info("soft targets: %d views x %d images, ensemble acc on views %s, on val %.4f, %s", params.kd.views,
-             len(images), " ".join(f"{k} {v:.4f}" for k, v in view_acc.items()), ensemble_val, args.out)
+    write_metrics(
+        args.metrics,
+        {
+            "teacher_ensemble_val_acc": ensemble_val,
+            "views": params.kd.views,
+            # each ensemble's accuracy on the augmented training views (how much the targets themselves err)
+            # and each teacher's mean weight in it over every view and image
+            "ensemble_view_acc": view_acc,
+            **storage_rounding(targets["teacher_logits"], labels, schemes),
+            "teacher_weights": {
+                name: dict(zip(params.teachers.archs, weights.round(decimals=4).tolist()))
+                for name, (_, weights) in ensembles.items()
+                if name != "mean"
+            },
+            "images_per_s": round(params.kd.views * len(images) / wall_s, 1),
+            "wall_s": round(wall_s, 1),
+        },
+    )
+    log.info(
+        "soft targets: %d views x %d images, ensemble acc on views %s, on val %.4f, %s",
+        params.kd.views,
+        len(images),
+        " ".join(f"{k} {v:.4f}" for k, v in view_acc.items()),
+        ensemble_val,
+        args.out,
+    )
 
 
 if __name__ == "__main__":

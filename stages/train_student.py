@@ -9,16 +9,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import time
 
 from edgekd.config import as_dict, load_params
-from edgekd.data.prepared import load_info, load_split
+from edgekd.data.batches import load_split
+from edgekd.data.prepared import load_info
 from edgekd.errors import UserError
-from edgekd.runtime import run_stage, seed_everything, select_device, write_metrics
+from edgekd.runtime import run_stage, write_metrics
 from edgekd.train.checkpoints import model_payload, save_checkpoint
-from edgekd.train.engine import fingerprint, setup_from_params, train_model, training_summary
+from edgekd.train.device import seed_everything, select_device
 from edgekd.train.distributed import join_process_group, leave_process_group, relaunch_under_torchrun
+from edgekd.train.engine import setup_from_params, train_model
 from edgekd.train.models import build_model
+from edgekd.train.resume import fingerprint
 from edgekd.train.soft_targets import load_soft_targets, student_objective
 
 log = logging.getLogger("edgekd")
@@ -38,29 +40,40 @@ def main() -> None:
     if args.mode == "distill" and not args.soft_targets:
         raise UserError("--mode distill needs --soft-targets FILE")
     relaunch_under_torchrun(params.distributed)
-    start = time.perf_counter()
     cfg = params.student
     seed_everything(cfg.seed)
     ranks, device = join_process_group(select_device(params.train.device, params.train.threads))
     info, train, val = load_info(args.data), load_split(args.data, "train"), load_split(args.data, "val")
-    targets = (load_soft_targets(args.soft_targets, train, params.seed, params.train.augment,
-                                 len(info.classes), params.kd.ensemble)
-               if args.mode == "distill" else None)
+    targets = (
+        load_soft_targets(
+            args.soft_targets, train, params.seed, params.train.augment, len(info.classes), params.kd.ensemble
+        )
+        if args.mode == "distill"
+        else None
+    )
     kd_id = [] if targets is None else [params.kd.temperature, params.kd.alpha, targets["logits"]]
     model = build_model(cfg.arch, len(info.classes), cfg.width, stem=cfg.stem)
     size = cfg.image_size or info.image_size
     run_id = fingerprint(args.mode, as_dict(params.train), as_dict(cfg), *kd_id, *train, *val)
-    setup = setup_from_params(params, info, device, cfg.epochs, cfg.seed, args.live, run_id, input_size=size,
-                              ranks=ranks)
+    setup = setup_from_params(
+        params, info, device, cfg.epochs, cfg.seed, args.live, run_id, input_size=size, ranks=ranks
+    )
     loss_fn, batches = student_objective(params, train, setup, targets)
 
     result = train_model(model, loss_fn, cfg.lr, params.train.weight_decay, train, val, setup, batches=batches)
 
     if ranks.main:
-        save_checkpoint(args.out, model_payload(model, {"arch": cfg.arch, "width": cfg.width, "stem": cfg.stem},
-                                                dataclasses.replace(info, image_size=size),
-                                                val_acc=result.best_val_acc, mode=args.mode))
-        write_metrics(args.metrics, training_summary(result, model, time.perf_counter() - start))
+        save_checkpoint(
+            args.out,
+            model_payload(
+                model,
+                {"arch": cfg.arch, "width": cfg.width, "stem": cfg.stem},
+                dataclasses.replace(info, image_size=size),
+                val_acc=result.best_val_acc,
+                mode=args.mode,
+            ),
+        )
+        write_metrics(args.metrics, {"val_acc": result.best_val_acc})  # per-epoch figures: the dvclive curves
     leave_process_group()
     log.info("%s: val_acc %.4f (epoch %d), %s", args.mode, result.best_val_acc, result.best_epoch + 1, args.out)
 

@@ -17,8 +17,8 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 from shared_data import RICE_SAMPLE, require
@@ -103,8 +103,7 @@ def changed_student_repo(changed_student_template: Path, tmp_path: Path) -> Path
     return clone_tiny_repo(changed_student_template, tmp_path / "repo")
 
 
-def png_bytes(width: int, height: int, bit_depth: int = 8, colour_type: int = 2,
-              rows: bytes | None = None) -> bytes:
+def png_bytes(width: int, height: int, bit_depth: int = 8, colour_type: int = 2, rows: bytes | None = None) -> bytes:
     """A PNG written by hand: lets tests declare any header (a 100,000 x 100,000 'bomb' whose
     pixel data is absent) or a bit depth PIL cannot write (48-bit RGB). `rows` is the raw scanline
     data without filter bytes; None writes a single empty IDAT."""
@@ -119,7 +118,7 @@ def png_bytes(width: int, height: int, bit_depth: int = 8, colour_type: int = 2,
         idat = zlib.compress(b"")
     else:
         stride = len(rows) // height
-        idat = zlib.compress(b"".join(b"\0" + rows[i * stride:(i + 1) * stride] for i in range(height)))
+        idat = zlib.compress(b"".join(b"\0" + rows[i * stride : (i + 1) * stride] for i in range(height)))
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 

@@ -8,7 +8,7 @@ saw to files that the test reads. Usage: ddp_worker.py COMMAND ARGS..., COMMAND 
   scripted so that the processes' early-stop decisions disagree (rank 0 stops after epoch 2 and
   rank 1 does not, then the other way round); every rank writes the epochs each fit ran
   (OUT.rank<r>, JSON).
-- `stale-resume FOLDER`: `engine._restore` of FOLDER/resume.pt, written for another run, by rank 1
+- `stale-resume FOLDER`: `resume.restore` of FOLDER/resume.pt, written for another run, by rank 1
   a second after rank 0, as a slower process comes to it; every rank marks reading the file
   (FOLDER/read.rank<r>) and deleting it (FOLDER/unlink.rank<r>, holding the read marks there were
   at that moment).
@@ -22,21 +22,39 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgekd.data.prepared import load_info, load_split
+from edgekd.data.batches import load_split
+from edgekd.data.prepared import load_info
 from edgekd.train import engine
+from edgekd.train import resume as resume_module
 from edgekd.train.distributed import Ranks, join_process_group, leave_process_group
-from edgekd.train.engine import FitSetup, train_model
+from edgekd.train.engine import train_model
+from edgekd.train.fit_setup import FitSetup
 from edgekd.train.losses import ce_loss_fn
 
 
 def fit(ranks: Ranks, prepared: str, out: str) -> None:
     torch.manual_seed(0)
     info, train, val = load_info(prepared), load_split(prepared, "train"), load_split(prepared, "val")
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, len(info.classes)))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, len(info.classes)),
+    )
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    setup = FitSetup(epochs=3, batch_size=16, eval_batch_size=64, seed=3, mean=info.mean, std=info.std,
-                     bn_recalibration=False, ranks=ranks)
+    setup = FitSetup(
+        epochs=3,
+        batch_size=16,
+        eval_batch_size=64,
+        seed=3,
+        mean=info.mean,
+        std=info.std,
+        bn_recalibration=False,
+        ranks=ranks,
+    )
     ce, seen = ce_loss_fn(0.1), []
 
     def counted(net, batch):
@@ -57,13 +75,22 @@ def _tiny_net() -> nn.Module:
 def early_stop(ranks: Ranks, out: str) -> None:
     images = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     data = (images, torch.arange(8) % 2)
-    setup = FitSetup(epochs=3, batch_size=4, eval_batch_size=8, seed=0, mean=(0.5,) * 3, std=(0.25,) * 3,
-                     patience=1, bn_recalibration=False, ranks=ranks)
+    setup = FitSetup(
+        epochs=3,
+        batch_size=4,
+        eval_batch_size=8,
+        seed=0,
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+        patience=1,
+        bn_recalibration=False,
+        ranks=ranks,
+    )
     falling, rising = [0.5, 0.4, 0.3], [0.5, 0.6, 0.7]  # patience 1: stop after epoch 2 / never
     epochs_run = []
     for accuracies in ([falling, rising], [rising, falling]):  # rank 0's, rank 1's
         scripted = iter(accuracies[ranks.rank])
-        engine.evaluate = lambda *args, **kwargs: {"acc": next(scripted), "loss": 1.0}
+        engine.evaluate = lambda *args, scripted=scripted, **kwargs: {"acc": next(scripted), "loss": 1.0}
         epochs_run.append(train_model(_tiny_net(), ce_loss_fn(0.0), 0.01, 0.0, data, data, setup).epochs_run)
     Path(f"{out}.rank{ranks.rank}").write_text(json.dumps(epochs_run))
 
@@ -71,7 +98,7 @@ def early_stop(ranks: Ranks, out: str) -> None:
 def stale_resume(ranks: Ranks, folder: str) -> None:
     folder = Path(folder)
     resume = folder / "resume.pt"
-    read, unlink = engine.load_checkpoint, Path.unlink
+    read, unlink = resume_module.load_checkpoint, Path.unlink
 
     def marked_read(path):
         state = read(path)
@@ -83,12 +110,21 @@ def stale_resume(ranks: Ranks, folder: str) -> None:
             (folder / f"unlink.rank{ranks.rank}").write_text(" ".join(sorted(p.name for p in folder.glob("read.*"))))
         unlink(path, *args, **kwargs)
 
-    engine.load_checkpoint, Path.unlink = marked_read, marked_unlink
+    resume_module.load_checkpoint, Path.unlink = marked_read, marked_unlink
     model = _tiny_net()
-    setup = FitSetup(epochs=1, batch_size=4, eval_batch_size=8, seed=0, mean=(0.5,) * 3, std=(0.25,) * 3,
-                     resume_path=resume, fingerprint="this run", ranks=ranks)
+    setup = FitSetup(
+        epochs=1,
+        batch_size=4,
+        eval_batch_size=8,
+        seed=0,
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+        resume_path=resume,
+        fingerprint="this run",
+        ranks=ranks,
+    )
     time.sleep(ranks.rank)  # rank 1 a second late
-    engine._restore(model, torch.optim.SGD(model.parameters(), lr=0.1), None, setup)
+    resume_module.restore(model, torch.optim.SGD(model.parameters(), lr=0.1), None, setup)
 
 
 COMMANDS = {"fit": fit, "early-stop": early_stop, "stale-resume": stale_resume}

@@ -25,6 +25,5 @@ SEED_MODELS = SHARED / "reference/seed-models/rice-image"
 def require(path: Path, expected: str) -> Path:
     """`path` if it exists, else a one-line test failure naming the folder and the variable."""
     if not path.exists():
-        pytest.fail(f"{path} missing: set {SHARED_ENV} to a folder with {expected} (default ../shared)",
-                    pytrace=False)
+        pytest.fail(f"{path} missing: set {SHARED_ENV} to a folder with {expected} (default ../shared)", pytrace=False)
     return path

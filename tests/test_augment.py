@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from edgekd.data.prepared import load_split, normalize, resize_batch
+from edgekd.data.batches import load_split, normalize, resize_batch
 from edgekd.train import augment
 from edgekd.train.augment import apply_augmentation, draw_augmentation
 
@@ -64,8 +64,13 @@ def test_crop_flip_is_a_window_of_the_padded_image_mirrored_left_right_or_not(im
     padded = torch.nn.functional.pad(sources, (4, 4, 4, 4))
     seen = set()
     for src, dst in zip(padded, out):
-        matches = [(dy, dx, m) for dy in range(9) for dx in range(9) for m in (False, True)
-                   if torch.equal(dst, (lambda w: w.flip(-1) if m else w)(src[:, dy:dy + 32, dx:dx + 32]))]
+        matches = [
+            (dy, dx, m)
+            for dy in range(9)
+            for dx in range(9)
+            for m in (False, True)
+            if torch.equal(dst, (lambda w: w.flip(-1) if m else w)(src[:, dy : dy + 32, dx : dx + 32]))
+        ]
         assert matches, "output is not a padded crop of its input"
         seen.add(matches[0])
     assert len(seen) > 60 and {m for *_, m in seen} == {False, True}
@@ -88,7 +93,9 @@ def test_rejects_float_or_non_square():
     with pytest.raises(ValueError, match="uint8"):
         apply_augmentation(torch.zeros(2, 3, 8, 8), draw_augmentation(2, 8, g, "dihedral"), "dihedral")
     with pytest.raises(ValueError, match="square"):
-        apply_augmentation(torch.zeros(2, 3, 8, 9, dtype=torch.uint8), draw_augmentation(2, 8, g, "crop_flip"), "crop_flip")
+        apply_augmentation(
+            torch.zeros(2, 3, 8, 9, dtype=torch.uint8), draw_augmentation(2, 8, g, "crop_flip"), "crop_flip"
+        )
 
 
 def test_resize_batch_downscales_uint8_and_keeps_same_size_as_is(images):

@@ -13,8 +13,9 @@ from shared_data import SEED_MODELS, require
 from tiny_pipeline import repo_params, sh
 
 from edgekd.config import load_params
+from edgekd.data.batches import load_split, normalize
 from edgekd.data.images import load_image
-from edgekd.data.prepared import load_info, load_split, normalize
+from edgekd.data.prepared import load_info
 from edgekd.deploy.sessions import ort_session
 from edgekd.errors import UserError
 from edgekd.train.checkpoints import load_teachers
@@ -30,22 +31,41 @@ REPO = Path(__file__).resolve().parents[1]
 RICE_CONFIG = REPO / "tools/benchmark/rice.yaml"
 
 
-
 def test_overrides_become_hydra_set_params():
-    args = overrides_to_args({"data": {"root": "../x", "image_size": 48}, "student.width": 0.5,
-                              "teachers": {"archs": ["resnet18", "densenet121"]}})
-    assert args == ["-S", "data.root=../x", "-S", "data.image_size=48", "-S", "student.width=0.5",
-                    "-S", "teachers.archs=[resnet18,densenet121]"]
+    args = overrides_to_args(
+        {
+            "data": {"root": "../x", "image_size": 48},
+            "student.width": 0.5,
+            "teachers": {"archs": ["resnet18", "densenet121"]},
+        }
+    )
+    assert args == [
+        "-S",
+        "data.root=../x",
+        "-S",
+        "data.image_size=48",
+        "-S",
+        "student.width=0.5",
+        "-S",
+        "teachers.archs=[resnet18,densenet121]",
+    ]
 
 
 def test_stage_log_times_stages_and_lists_skipped():
-    lines = [(0.0, "Reproducing experiment 'x'"), (1.0, "Stage 'prepare' didn't change, skipping"),
-             (2.0, "Running stage 'baseline':"), (5.5, "> python -m ..."), (7.0, "Running stage 'distill':"),
-             (20.0, "Ran experiment(s): neat-exp")]
+    lines = [
+        (0.0, "Reproducing experiment 'x'"),
+        (1.0, "Stage 'prepare' didn't change, skipping"),
+        (2.0, "Running stage 'baseline':"),
+        (5.5, "> python -m ..."),
+        (7.0, "Running stage 'distill':"),
+        (15.0, "Stage 'studies/dvc.yaml:sensitivity' didn't change, skipping"),
+        (16.0, "Running stage 'studies/dvc.yaml:export@ptq':"),
+        (20.0, "Ran experiment(s): neat-exp"),
+    ]
     run = parse_stage_log(lines, end_time=21.0)
     assert run.name == "neat-exp"
-    assert run.stage_s == {"baseline": 5.0, "distill": 13.0}
-    assert run.skipped == ["prepare"]
+    assert run.stage_s == {"baseline": 5.0, "distill": 8.0, "export@ptq": 4.0}  # a study stage by its name
+    assert run.skipped == ["prepare", "sensitivity"]
     assert run.total_s == 21.0
 
 
@@ -67,22 +87,32 @@ def test_shipped_configs_load(config: Path):
 def test_config_extends_its_base_key_by_key(tmp_path: Path):
     cfg = yaml.safe_load(RICE_CONFIG.read_text())
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(cfg))
-    (tmp_path / "top.yaml").write_text(yaml.safe_dump({
-        "base": "base.yaml", "overrides": {"student": {"epochs": 3}}, "student_seeds": [7],
-        "goals": {"bench_max_minutes": 5}}))
+    (tmp_path / "top.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "base": "base.yaml",
+                "overrides": {"student": {"epochs": 3}},
+                "student_seeds": [7],
+                "goals": {"bench_max_minutes": 5},
+            }
+        )
+    )
     top = load_config(tmp_path / "top.yaml")
     assert top["overrides"] == {**cfg["overrides"], "student": {"epochs": 3}}
     assert top["student_seeds"] == [7] and top["seed_models"] == cfg["seed_models"]
     assert top["goals"] == {**cfg["goals"], "bench_max_minutes": 5}
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda cfg: cfg["goals"].update(int8_max_dorp=0.1), r"unknown goals\.int8_max_dorp \(known: "),
-    (lambda cfg: cfg["goals"].pop("mixed_max_drop"), r"missing goals\.mixed_max_drop \(set with"),
-    (lambda cfg: cfg.pop("title"), r"missing title$"),
-    (lambda cfg: cfg["seed_models"].pop("int8"), r"missing seed_models\.int8$"),
-    (lambda cfg: cfg["published"].pop("source"), r"missing published\.source$"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda cfg: cfg["goals"].update(int8_max_dorp=0.1), r"unknown goals\.int8_max_dorp \(known: "),
+        (lambda cfg: cfg["goals"].pop("mixed_max_drop"), r"missing goals\.mixed_max_drop \(set with"),
+        (lambda cfg: cfg.pop("title"), r"missing title$"),
+        (lambda cfg: cfg["seed_models"].pop("int8"), r"missing seed_models\.int8$"),
+        (lambda cfg: cfg["published"].pop("source"), r"missing published\.source$"),
+    ],
+)
 def test_config_names_what_is_wrong_in_one_line(tmp_path: Path, change, message):
     cfg = yaml.safe_load(RICE_CONFIG.read_text())
     change(cfg)
@@ -93,15 +123,24 @@ def test_config_names_what_is_wrong_in_one_line(tmp_path: Path, change, message)
 
 def test_missed_images_lists_each_wrong_image_once_with_every_answer():
     labels = np.array([0, 1, 2, 1])
-    misses = missed_images(["a.jpg", "b.jpg", "c.jpg", "d.jpg"], labels, ["x", "y", "z"],
-                           {"p": np.array([0, 2, 2, 0]), "q": np.array([0, 2, 1, 1])})
+    misses = missed_images(
+        ["a.jpg", "b.jpg", "c.jpg", "d.jpg"],
+        labels,
+        ["x", "y", "z"],
+        {"p": np.array([0, 2, 2, 0]), "q": np.array([0, 2, 1, 1])},
+    )
     assert misses["models"] == ["p", "q"]
     assert [r["image"] for r in misses["rows"]] == ["b.jpg", "c.jpg", "d.jpg"]
     assert misses["rows"][0] == {"image": "b.jpg", "class": "y", "predicted": {"p": "z", "q": "z"}}
     assert misses["rows"][2]["predicted"] == {"p": "x", "q": "y"}
     assert misses["missed_by_all"] == 1  # b.jpg
-    listed = missed_images(["a.jpg", "b.jpg", "c.jpg", "d.jpg"], labels, ["x", "y", "z"],
-                           {"p": np.array([0, 2, 2, 0]), "q": np.array([0, 2, 1, 1])}, max_rows=2)
+    listed = missed_images(
+        ["a.jpg", "b.jpg", "c.jpg", "d.jpg"],
+        labels,
+        ["x", "y", "z"],
+        {"p": np.array([0, 2, 2, 0]), "q": np.array([0, 2, 1, 1])},
+        max_rows=2,
+    )
     assert [r["image"] for r in listed["rows"]] == ["b.jpg", "c.jpg"]
     assert listed["missed_by_any"] == 3 and listed["missed_by_all"] == 1
 
@@ -133,12 +172,20 @@ def expected_accuracies(repo: Path, seed_cfg: dict, misses: dict) -> list[float]
             accuracies.append((answers == labels).sum().item() / len(labels))
     answered = {r["image"]: r["predicted"] for r in misses["rows"]}  # images someone gets wrong
     manifest = pd.read_csv(prepared / "test.csv")
-    for name, key in (("teacher ensemble", None), ("student baseline", "baseline"),
-                      ("student fp32", "fp32"), ("student int8", "int8"), ("student ptq", "ptq"),
-                      ("student mixed", "mixed"), ("student a16", "a16"), ("student mixed_a16", "mixed_a16"),
-                      ("student baseline_int8", "baseline_int8")):
-        right = sum(answered.get(path, {name: cls})[name] == cls
-                    for path, cls in zip(manifest["path"], manifest["class"]))
+    for name, key in (
+        ("teacher ensemble", None),
+        ("student baseline", "baseline"),
+        ("student fp32", "fp32"),
+        ("student int8", "int8"),
+        ("student ptq", "ptq"),
+        ("student mixed", "mixed"),
+        ("student a16", "a16"),
+        ("student mixed_a16", "mixed_a16"),
+        ("student baseline_int8", "baseline_int8"),
+    ):
+        right = sum(
+            answered.get(path, {name: cls})[name] == cls for path, cls in zip(manifest["path"], manifest["class"])
+        )
         if key is not None:
             confusion = pd.read_csv(repo / "plots" / f"confusion_{key}.csv")
             assert (confusion["actual"] == confusion["predicted"]).sum() == right, key
@@ -150,7 +197,7 @@ def expected_accuracies(repo: Path, seed_cfg: dict, misses: dict) -> list[float]
     for precision in ("fp32", "int8"):
         sess = ort_session(seed_cfg[precision])
         name = sess.get_inputs()[0].name
-        answers = np.concatenate([sess.run(None, {name: x[i:i + 1]})[0] for i in range(len(x))])
+        answers = np.concatenate([sess.run(None, {name: x[i : i + 1]})[0] for i in range(len(x))])
         accuracies.append(float((answers.argmax(1) == labels.numpy()).mean()))
     return accuracies
 
@@ -164,9 +211,13 @@ def test_benchmark_on_tiny_run_writes_report_and_restores_main_run(tiny_repo: Pa
         "student_seeds": [42, 1],
         "compare_ensembles": ["confidence"],
         "variants": [{"bench.runs": 12}],  # reruns evaluate alone: the variant machinery, cheaply
-        "seed_models": {"fp32": str(SEED_MODELS / "student_fp32_qat.onnx"),
-                        "int8": str(SEED_MODELS / "student_int8_static.onnx"),
-                        "image_size": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+        "seed_models": {
+            "fp32": str(SEED_MODELS / "student_fp32_qat.onnx"),
+            "int8": str(SEED_MODELS / "student_int8_static.onnx"),
+            "image_size": 224,
+            "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225],
+        },
         "goals": rice["goals"],
         "published": rice["published"],
     }
@@ -176,12 +227,22 @@ def test_benchmark_on_tiny_run_writes_report_and_restores_main_run(tiny_repo: Pa
 
     results = json.loads((tiny_repo / "reports/benchmark.json").read_text())
     names = [row["model"] for row in results["main"]]
-    assert names[:4] == ["teacher resnet18", "teacher mobilenet_v2", "teacher densenet121",
-                         "teacher ensemble (mean logits)"]
+    assert names[:4] == [
+        "teacher resnet18",
+        "teacher mobilenet_v2",
+        "teacher densenet121",
+        "teacher ensemble (mean logits)",
+    ]
     assert [n.split(",")[0] for n in names[4:12]] == [
-        "student baseline (no KD)", "student distilled", "student distilled + QAT", "student distilled + PTQ",
-        "student distilled + mixed QAT", "student distilled + QAT", "student distilled + mixed QAT",
-        "student baseline + QAT"]
+        "student baseline (no KD)",
+        "student distilled",
+        "student distilled + QAT",
+        "student distilled + PTQ",
+        "student distilled + mixed QAT",
+        "student distilled + QAT",
+        "student distilled + mixed QAT",
+        "student baseline + QAT",
+    ]
     assert names[12].startswith("seed FP32") and names[13].startswith("seed INT8")
     seed_int8_p50 = results["main"][13]["latency_p50_ms"]
     for row in results["main"]:
@@ -189,7 +250,8 @@ def test_benchmark_on_tiny_run_writes_report_and_restores_main_run(tiny_repo: Pa
             assert 0 < row["latency_p50_ms"] <= row["latency_p90_ms"]
             assert row["p50_vs_seed_int8"] == pytest.approx(row["latency_p50_ms"] / seed_int8_p50, rel=1e-12)
     assert [r["accuracy"] for r in results["main"]] == pytest.approx(
-        expected_accuracies(tiny_repo, config["seed_models"], results["misses"]), abs=1e-6)
+        expected_accuracies(tiny_repo, config["seed_models"], results["misses"]), abs=1e-6
+    )
 
     # Every recipe over both student seeds; the main seed's figures are the main table's.
     recipes = {r["key"]: r for r in results["recipes"]}
@@ -213,12 +275,16 @@ def test_benchmark_on_tiny_run_writes_report_and_restores_main_run(tiny_repo: Pa
     assert [(v["arch"], v["width"]) for v in results["variants"]] == [(DEFAULT_ARCH, 0.25)] * 2
     pipeline = results["pipeline"]
     assert {"prepare", "train_teacher@resnet18", "distill", "qat", "export@int8", "evaluate@int8"} <= set(
-        pipeline["stages"])
+        pipeline["stages"]
+    )
     incremental = pipeline["incremental"]
-    assert incremental["command"] == "dvc exp run -S student.seed=1" and incremental["teachers_skipped"]
+    assert incremental["command"] == "dvc exp run -P -S student.seed=1" and incremental["teachers_skipped"]
     assert {"train_teacher@resnet18", "train_teacher@mobilenet_v2", "train_teacher@densenet121"} <= set(
-        incremental["skipped"])
-    assert 0 < incremental["ratio"] < 1
+        incremental["skipped"]
+    )
+    # its share of the full run (a goal judged on real data: on tiny data teachers cost next to nothing)
+    assert incremental["ratio"] == pytest.approx(incremental["total_s"] / pipeline["total_s"])
+    assert not {s for s in incremental["stages_run"] if s.startswith("train_teacher") or s == "soft_targets"}
     assert all(isinstance(g["met"], bool) for g in results["goals"])
     wall = next(g for g in results["goals"] if g["goal"].startswith("whole benchmark"))
     assert wall["measured"] == f"{results['bench_wall_s'] / 60:.1f} min" and wall["met"]  # a tiny run: minutes
@@ -230,8 +296,9 @@ def test_benchmark_on_tiny_run_writes_report_and_restores_main_run(tiny_repo: Pa
     main_table = table_after(markdown, "## Main table")
     assert len(main_table) == 14 and all(len(r) == len(MAIN_COLUMNS) for r in main_table)
     ratio = [key for key, _ in MAIN_COLUMNS].index("p50_vs_seed_int8")  # the ratios as the table shows them
-    assert [r[ratio] for r in main_table] == [f"{row['p50_vs_seed_int8']:.2f}x" if "p50_vs_seed_int8" in row
-                                              else "–" for row in results["main"]]
+    assert [r[ratio] for r in main_table] == [
+        f"{row['p50_vs_seed_int8']:.2f}x" if "p50_vs_seed_int8" in row else "–" for row in results["main"]
+    ]
     # The misses table agrees with the accuracies: one non-✓ cell per image a model gets wrong.
     miss_table = table_after(markdown, "## Test images missed")
     assert len(miss_table) == len(results["misses"]["rows"]) > 0
@@ -240,7 +307,7 @@ def test_benchmark_on_tiny_run_writes_report_and_restores_main_run(tiny_repo: Pa
         assert wrong == round((1 - row["accuracy"]) * results["test_images"]), row["model"]
     variant_table = table_after(markdown, "## Student variants")
     assert len(variant_table) == 2 and all(len(r) == len(VARIANT_COLUMNS) for r in variant_table)
-    assert re.search(r"incremental `dvc exp run -S student.seed=1`", markdown)
+    assert re.search(r"incremental `dvc exp run -P -S student.seed=1`", markdown)
     recipe_table = table_after(markdown, "## Recipes over 2 student seeds")
     assert [r[0] for r in recipe_table] == [r["model"] for r in results["recipes"]]
     assert recipe_table[4][1] == f"{100 * recipes['int8']['mean']:.2f} % ± {100 * recipes['int8']['std']:.2f}"
@@ -248,23 +315,31 @@ def test_benchmark_on_tiny_run_writes_report_and_restores_main_run(tiny_repo: Pa
     assert len(table_after(markdown, "## Teacher ensemble: mean vs confidence")) == 2
     assert (tiny_repo / "reports/benchmark_tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     log = (tiny_repo / "reports/benchmark.log").read_text()  # every experiment's console output
-    assert log.count("$ dvc exp run") == 5 and "$ dvc exp run -S student.seed=1\n" in log
+    assert log.count("$ dvc exp run") == 5 and "$ dvc exp run -S student.seed=1 -P\n" in log
     assert "Running stage 'distill'" in log
 
     # The workspace holds the main run again, not the last variant (which timed 12 runs, not 10).
     params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
     assert params["bench"]["runs"] == 10 and params["student"]["seed"] == 42
     evaluation = read_evaluations(tiny_repo)
-    assert len(evaluation) == 8 and {row["latency_runs"] for row in evaluation.values()} == {10}
+    runs = {pd.read_csv(tiny_repo / f"plots/tradeoff/{name}.csv")["latency_runs"].item() for name in evaluation}
+    assert len(evaluation) == 8 and runs == {10}
     assert evaluation["int8"]["size_bytes"] == results["variants"][0]["int8_size_bytes"]
 
     # The same results under CIFAR-10's config, which has no seed models: no seed rows or ratios,
     # its own goals on the recipes' means, the published figures of its table.
     cifar = load_config(REPO / "tools/benchmark/cifar10.yaml")
-    no_seed = {**results, "title": cifar["title"], "published": cifar["published"],
-               "notes": comparison.notes(None) + cifar["notes"],
-               "main": [{k: v for k, v in row.items() if k != "p50_vs_seed_int8"}
-                        for row in results["main"] if not row["model"].startswith("seed")]}
+    no_seed = {
+        **results,
+        "title": cifar["title"],
+        "published": cifar["published"],
+        "notes": comparison.notes(None) + cifar["notes"],
+        "main": [
+            {k: v for k, v in row.items() if k != "p50_vs_seed_int8"}
+            for row in results["main"]
+            if not row["model"].startswith("seed")
+        ],
+    }
     write_report(no_seed, tiny_repo / "reports/cifar10", cifar["goals"])
     markdown = (tiny_repo / "reports/cifar10/benchmark.md").read_text()
     assert markdown.startswith(f"# {cifar['title']}") and "seed INT8" not in markdown

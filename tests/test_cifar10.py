@@ -14,7 +14,8 @@ from shared_data import CIFAR10, require
 from tiny_pipeline import TINY_OVERRIDES, deep_update, repo_params
 
 from edgekd.data.prepare import prepare_dataset
-from edgekd.deploy.export import conv_kernels, read_metadata
+from edgekd.deploy.gates import conv_kernels
+from edgekd.deploy.metadata import read_metadata
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -35,8 +36,13 @@ def prepared_cifar(tmp_path_factory) -> Path:
 
 
 def _stage(module: str, *args) -> None:
-    run = subprocess.run([sys.executable, "-m", f"stages.{module}", *map(str, args)], cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", f"stages.{module}", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, f"{module}: {run.stderr}"
 
 
@@ -47,20 +53,60 @@ def test_mobilenet_v2_with_a_small_stem_trains_quantizes_and_passes_the_export_g
     # top-1 agreement between the two integer engines stays a property of the CPU's kernels
     # (measured: 0.86 on an AVX2 EPYC, 0.70 on an AMX Xeon): here the logit gate is the sharp one.
     gates = {**TINY_OVERRIDES["export"]["quantized"], "min_agreement": 0.5}
-    raw = deep_update(yaml.safe_load((REPO / "params.yaml").read_text()), {
-        "export": {"quantized": gates}, "train": {"batch_size": 32},
-        "qat": {"epochs": 3, "freeze_bn_epoch": 2, "freeze_observer_epoch": 2},
-        "student": {"arch": "mobilenet_v2", "width": 0.25, "stem": "small", "epochs": 15}})
+    raw = deep_update(
+        yaml.safe_load((REPO / "params.yaml").read_text()),
+        {
+            "export": {"quantized": gates},
+            "train": {"batch_size": 32},
+            "qat": {"epochs": 3, "freeze_bn_epoch": 2, "freeze_observer_epoch": 2},
+            "student": {"arch": "mobilenet_v2", "width": 0.25, "stem": "small", "epochs": 15},
+        },
+    )
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(raw))
     m = tmp_path
-    _stage("train_student", "--mode", "baseline", "--data", prepared_cifar, "--out", m / "baseline.pt",
-           "--metrics", m / "baseline.json", "--params", params)
-    _stage("qat", "--data", prepared_cifar, "--student", m / "baseline.pt", "--out", m / "qat.pt",
-           "--metrics", m / "qat.json", "--params", params)
+    _stage(
+        "train_student",
+        "--mode",
+        "baseline",
+        "--data",
+        prepared_cifar,
+        "--out",
+        m / "baseline.pt",
+        "--metrics",
+        m / "baseline.json",
+        "--params",
+        params,
+    )
+    _stage(
+        "qat",
+        "--data",
+        prepared_cifar,
+        "--student",
+        m / "baseline.pt",
+        "--out",
+        m / "qat.pt",
+        "--metrics",
+        m / "qat.json",
+        "--params",
+        params,
+    )
     for name, checkpoint, kind in (("fp32", "baseline.pt", "fp32"), ("int8", "qat.pt", "quantized")):
-        _stage("export", "--data", prepared_cifar, "--kind", kind, "--checkpoint", m / checkpoint,
-               "--out", m / f"{name}.onnx", "--metrics", m / f"export_{name}.json", "--params", params)
+        _stage(
+            "export",
+            "--data",
+            prepared_cifar,
+            "--kind",
+            kind,
+            "--checkpoint",
+            m / checkpoint,
+            "--out",
+            m / f"{name}.onnx",
+            "--metrics",
+            m / f"export_{name}.json",
+            "--params",
+            params,
+        )
 
     for name in ("fp32", "int8"):
         meta = read_metadata(m / f"{name}.onnx")

@@ -241,8 +241,12 @@ def test_no_value_is_written_in_code():
     """params.yaml is the one source of every value: each model field is required (a `null` in the
     file is a value too), and the models hold exactly the file's keys."""
     models = {**_SECTION_PREFIX, Fp32Gates: "export.fp32.", QuantizedGates: "export.quantized."}
-    with_defaults = [f"{prefix}{name}" for cls, prefix in models.items()
-                     for name, field in cls.model_fields.items() if not field.is_required()]
+    with_defaults = [
+        f"{prefix}{name}"
+        for cls, prefix in models.items()
+        for name, field in cls.model_fields.items()
+        if not field.is_required()
+    ]
     assert not with_defaults
     in_models = {f"{prefix}{leaf}" for cls, prefix in _SECTION_PREFIX.items() for leaf in _LEAVES[cls]}
     assert in_models == set(flat(repo_params()))
@@ -296,12 +300,17 @@ def doc_quotes(text: str, keys: list[str]) -> list[tuple[str, str]]:
 
 def test_the_docs_quote_the_values_params_yaml_sets():
     values = leaves(repo_params())
-    quotes = [(doc.name, key, value) for doc in sorted((REPO / "docs").glob("*.md"))
-              for key, value in doc_quotes(doc.read_text(), list(values))]
+    quotes = [
+        (doc.name, key, value)
+        for doc in sorted((REPO / "docs").glob("*.md"))
+        for key, value in doc_quotes(doc.read_text(), list(values))
+    ]
     assert {key for _, key, _ in quotes} >= {"export.quantized.min_agreement", "ptq.calibration_images"}
     # PyYAML reads 1e-3 as a string: numbers compare as numbers
-    read = {value: yaml.safe_load(value) if value in ("null", "true", "false") else float(value)
-            for _, _, value in quotes}
-    wrong = [f"{doc}: `{key}` {value}, params.yaml {values[key]}" for doc, key, value in quotes
-             if read[value] != values[key]]
+    read = {
+        value: yaml.safe_load(value) if value in ("null", "true", "false") else float(value) for _, _, value in quotes
+    }
+    wrong = [
+        f"{doc}: `{key}` {value}, params.yaml {values[key]}" for doc, key, value in quotes if read[value] != values[key]
+    ]
     assert not wrong, wrong

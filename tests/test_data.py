@@ -21,11 +21,12 @@ from PIL import Image
 from edgekd.config import DataConfig
 from edgekd.data import prepare as prepare_mod
 from edgekd.data import prepared as prepared_mod
+from edgekd.data.batches import load_split
 from edgekd.data.decode import decode_all
 from edgekd.data.dedup import group_duplicates, near_duplicate_pairs
 from edgekd.data.images import load_rgb
 from edgekd.data.prepare import prepare_dataset
-from edgekd.data.prepared import SPLITS, channel_stats, load_info, load_split
+from edgekd.data.prepared import SPLITS, channel_stats, load_info
 from edgekd.data.scan import scan_tree
 from edgekd.data.split import split_groups
 from edgekd.errors import DataError
@@ -88,7 +89,9 @@ def test_prepared_small_follows_the_contract(prepared_small, small_rice_tree):
     assert total == 100
     # The cache holds exactly the resized decode of the listed file.
     row = manifests["test"].iloc[0]
-    img = np.asarray(Image.open(small_rice_tree / row["path"]).convert("RGB").resize((32, 32), Image.Resampling.BILINEAR))
+    img = np.asarray(
+        Image.open(small_rice_tree / row["path"]).convert("RGB").resize((32, 32), Image.Resampling.BILINEAR)
+    )
     assert np.array_equal(load_split(prepared_small, "test")[0][0].permute(1, 2, 0).numpy(), img)
     # mean/std come from the train split, in 0..1 units.
     train = load_split(prepared_small, "train")[0].double() / 255
@@ -119,8 +122,11 @@ def test_prepared_folder_without_info_json_is_refused(prepared_small, tmp_path):
 def test_malformed_prepared_split_is_a_clear_error(prepared_small, tmp_path):
     bad = shutil.copytree(prepared_small, tmp_path / "prepared")
     np.save(bad / "val_labels.npy", np.zeros(3, np.int64))  # fewer labels than images
-    with pytest.raises(DataError, match=r"val_images.npy: expected uint8 \(N, 3, 32, 32\) images \(info.json "
-                                        r"image_size\) and N labels"):
+    with pytest.raises(
+        DataError,
+        match=r"val_images.npy: expected uint8 \(N, 3, 32, 32\) images \(info.json "
+        r"image_size\) and N labels",
+    ):
         load_split(bad, "val")
     (bad / "test_images.npy").write_bytes(b"not an array")
     with pytest.raises(DataError, match="test_images.npy: unreadable prepared split"):
@@ -138,8 +144,9 @@ def _folder_digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
-def test_interrupted_write_leaves_the_previous_prepared_folder_intact(small_rice_tree, prepared_small,
-                                                                      tmp_path, monkeypatch):
+def test_interrupted_write_leaves_the_previous_prepared_folder_intact(
+    small_rice_tree, prepared_small, tmp_path, monkeypatch
+):
     """A write that fails with every split array written and info.json not yet: the previous
     prepared folder is left byte for byte, and nothing of the failed run is left beside it."""
     out = shutil.copytree(prepared_small, tmp_path / "prepared")
@@ -180,8 +187,11 @@ def test_killed_prepare_leaves_no_half_written_folder(small_rice_tree, prepared_
     """SIGKILL part-way (no cleanup runs): where the prepared folder goes there is none, stages
     refuse the path in one line, and the next prepare clears what the killed one left."""
     out = tmp_path / "prepared"
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_PREPARE, str(small_rice_tree), str(out),
-                             json.dumps(data_values(image_size=32))], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_PREPARE, str(small_rice_tree), str(out), json.dumps(data_values(image_size=32))],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout.readline().strip() == "arrays written"
     finally:
@@ -217,12 +227,13 @@ def test_splits_are_memory_mapped_not_read_into_ram(tmp_path):
     images[::7] = 255
     images.flush()
     np.save(tmp_path / "train_labels.npy", np.arange(4096) % 5)
-    (tmp_path / "info.json").write_text(json.dumps({"classes": list("abcde"), "image_size": 128,
-                                                    "mean": [0.5] * 3, "std": [0.25] * 3}))
+    (tmp_path / "info.json").write_text(
+        json.dumps({"classes": list("abcde"), "image_size": 128, "mean": [0.5] * 3, "std": [0.25] * 3})
+    )
     del images
     before = _anon_memory_mb()
     x, y = load_split(tmp_path, "train")
-    total = sum(int(x[i:i + 256].sum(dtype=torch.int64)) for i in range(0, len(x), 256))
+    total = sum(int(x[i : i + 256].sum(dtype=torch.int64)) for i in range(0, len(x), 256))
     assert total == 255 * 3 * 128 * 128 * len(range(0, 4096, 7)) and y.tolist()[:6] == [0, 1, 2, 3, 4, 0]
     assert _anon_memory_mb() - before < 64
 
@@ -317,8 +328,7 @@ def test_real_exact_duplicates_share_a_split(rice_sample_dir, ipsala_duplicate_p
         assert report["duplicates"]["exact_groups"] == 10
         assert report["duplicates"]["exact_extra_images"] == 10
         assert report["duplicates"]["near_pairs"] == 0  # distinct real grains are not merged
-        where = {row.path: (split, row.group) for split, df in _manifests(out).items()
-                 for row in df.itertuples()}
+        where = {row.path: (split, row.group) for split, df in _manifests(out).items() for row in df.itertuples()}
         for a, b in ipsala_duplicate_pairs:
             assert where[f"Ipsala/{a.name}"] == where[f"Ipsala/{b.name}"]
         assert len({where[f"Ipsala/{a.name}"][0] for a, _ in ipsala_duplicate_pairs}) > 1
@@ -327,9 +337,14 @@ def test_real_exact_duplicates_share_a_split(rice_sample_dir, ipsala_duplicate_p
 def test_flipped_and_rotated_copies_are_grouped(small_rice_tree, tmp_path):
     root = _copy_tree(small_rice_tree, tmp_path / "tree")
     sources = sorted((root / "Basmati").iterdir())[:6]
-    transforms = [Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.ROTATE_90,
-                  Image.Transpose.ROTATE_180, Image.Transpose.TRANSPOSE,
-                  Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.ROTATE_270]
+    transforms = [
+        Image.Transpose.FLIP_LEFT_RIGHT,
+        Image.Transpose.ROTATE_90,
+        Image.Transpose.ROTATE_180,
+        Image.Transpose.TRANSPOSE,
+        Image.Transpose.FLIP_TOP_BOTTOM,
+        Image.Transpose.ROTATE_270,
+    ]
     copies = []
     for k, (src, t) in enumerate(zip(sources, transforms)):
         copies.append(src.with_name(f"aug {src.stem}.{'png' if k < 3 else 'jpg'}"))  # lossless/lossy
@@ -413,7 +428,8 @@ def test_hidden_symlinks_and_odd_names(small_rice_tree, tmp_path):
     report = prepare_dataset(root, tmp_path / "prepared", CFG, seed=0).metrics
     assert report["classes"]["Jasmine"]["images"] == 22  # 20 + odd name + symlink
     assert report["unreadable"]["files"] == [
-        {"path": "Jasmine/dangling.jpg", "reason": "not a regular file (dangling symlink?)"}]
+        {"path": "Jasmine/dangling.jpg", "reason": "not a regular file (dangling symlink?)"}
+    ]
     assert report["ignored_files"] == 3  # .DS_Store, .hidden copy.jpg, notes.txt
     paths = set(pd.concat(_manifests(tmp_path / "prepared").values())["path"])
     assert "Jasmine/grain é ü 日本 (1).jpg" in paths and "Jasmine/linked.jpg" in paths
@@ -446,8 +462,9 @@ def test_bad_files_are_skipped_and_listed_and_odd_modes_kept(small_rice_tree, tm
     report = prepare_dataset(root, tmp_path / "prepared", CFG, seed=0).metrics
 
     listed = {f["path"]: f["reason"] for f in report["unreadable"]["files"]}
-    assert set(listed) == {f"Ipsala/{n}" for n in
-                           ("zero.jpg", "text.jpg", "truncated.jpg", "truncated.png", "huge.png")}
+    assert set(listed) == {
+        f"Ipsala/{n}" for n in ("zero.jpg", "text.jpg", "truncated.jpg", "truncated.png", "huge.png")
+    }
     assert "10000x10000 = 100000000 pixels exceeds the limit" in listed["Ipsala/huge.png"]
     assert report["classes"]["Ipsala"]["images"] == 20
     assert report["classes"]["Karacadag"]["images"] == 25  # all five odd modes decoded
@@ -497,7 +514,9 @@ def test_full_disk_fails_before_decoding(small_rice_tree, tmp_path, monkeypatch)
         raise AssertionError("decoded although the disk cannot hold the cache")
 
     monkeypatch.setattr(prepare_mod, "decode_all", no_decode)
-    monkeypatch.setattr(prepare_mod.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 2**20, 2**20))
+    monkeypatch.setattr(
+        prepare_mod.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 2**20, 2**20)
+    )
     cfg = data_config(image_size=128)  # 100 x 3 x 128 x 128 B = 4.7 MB, twice while it runs
     with pytest.raises(DataError, match=r"prepared: 1 MB free, but preparing 100 images .* needs 9 MB"):
         prepare_dataset(small_rice_tree, tmp_path / "prepared", cfg, seed=0)
@@ -534,5 +553,7 @@ def test_report_counts_sizes_and_outliers(small_rice_tree, tmp_path):
     assert m["outliers"]["by_class"]["Arborio"] == {"foreground_area": 1, "brightness": 1}
     assert result.class_counts.columns.tolist() == ["class", "images", "train", "val", "test"]
     assert result.class_counts["images"].tolist() == [21, 20, 20, 20, 20]
-    assert result.image_sizes.to_dict("records") == [{"size": "250x250", "images": 100},
-                                                     {"size": "300x425", "images": 1}]
+    assert result.image_sizes.to_dict("records") == [
+        {"size": "250x250", "images": 100},
+        {"size": "300x425", "images": 1},
+    ]

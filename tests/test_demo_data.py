@@ -24,8 +24,7 @@ def dvc_dir_md5(folder: Path) -> tuple[str, int, int]:
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         data = path.read_bytes()
         size += len(data)
-        entries.append({"md5": hashlib.md5(data).hexdigest(),
-                        "relpath": path.relative_to(folder).as_posix()})
+        entries.append({"md5": hashlib.md5(data).hexdigest(), "relpath": path.relative_to(folder).as_posix()})
     entries.sort(key=lambda e: e["relpath"])
     manifest = json.dumps(entries, sort_keys=True).encode("utf-8")
     return hashlib.md5(manifest).hexdigest() + ".dir", len(entries), size
@@ -35,8 +34,19 @@ def test_regenerated_demo_data_matches_data_dvc(tmp_path):
     """data.dvc pins `data/`, which holds only rice-demo: regenerate it with the defaults."""
     (out,) = yaml.safe_load((REPO / "data.dvc").read_text())["outs"]
     assert out["path"] == "data" and out["hash"] == "md5"
-    subprocess.run([sys.executable, "-m", "tools.make_demo_data", "--out",  # in 2 processes: same bytes
-                    str(tmp_path / "data" / "rice-demo"), "--workers", "2"], cwd=REPO, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tools.make_demo_data",
+            "--out",  # in 2 processes: same bytes
+            str(tmp_path / "data" / "rice-demo"),
+            "--workers",
+            "2",
+        ],
+        cwd=REPO,
+        check=True,
+    )
     assert dvc_dir_md5(tmp_path / "data") == (out["md5"], out["nfiles"], out["size"])
 
 
@@ -79,8 +89,7 @@ def _grain_shape(img: np.ndarray) -> tuple[float, float, float]:
 def test_varieties_follow_the_real_morphology():
     shapes = {}
     for v_idx, variety in enumerate(VARIETIES):
-        grains = [_grain_shape(render_grain(variety, np.random.default_rng([0, v_idx, i])))
-                  for i in range(12)]
+        grains = [_grain_shape(render_grain(variety, np.random.default_rng([0, v_idx, i]))) for i in range(12)]
         shapes[variety.name] = np.median(grains, axis=0)
         length, width, _ = shapes[variety.name]
         assert abs(length - variety.length[0]) < 0.2 * variety.length[0], (variety.name, length)

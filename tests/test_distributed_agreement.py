@@ -54,4 +54,3 @@ def test_only_rank_0_deletes_a_stale_resume_file_after_every_rank_has_read_it(tm
     assert not resume.exists()
     assert sorted(p.name for p in tmp_path.glob("unlink.*")) == ["unlink.rank0"]
     assert (tmp_path / "unlink.rank0").read_text() == "read.rank0 read.rank1"
-

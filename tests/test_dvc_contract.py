@@ -58,24 +58,37 @@ def declared_params(stage) -> set[str]:
 
 def test_project_code_imports_absolutely():
     """A relative import would hide a dependency from `imported_modules`."""
-    relative = [f"{p.relative_to(REPO)}:{n.lineno}" for p in project_files()
-                for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.ImportFrom) and n.level]
+    relative = [
+        f"{p.relative_to(REPO)}:{n.lineno}"
+        for p in project_files()
+        for n in ast.walk(ast.parse(p.read_text()))
+        if isinstance(n, ast.ImportFrom) and n.level
+    ]
     assert not relative, relative
 
 
 def test_library_imports_no_stage_and_no_tooling():
     """The layout's one rule: stages/ and tools/ build on edgekd, never the other way round."""
     library = [p for p in project_files() if p.is_relative_to(PACKAGES["edgekd"] / "edgekd")]
-    wrong = [f"{p.relative_to(REPO)} imports {name}" for p in library for name in imported_modules(p)
-             if name.split(".")[0] in ("stages", "tools")]
+    wrong = [
+        f"{p.relative_to(REPO)} imports {name}"
+        for p in library
+        for name in imported_modules(p)
+        if name.split(".")[0] in ("stages", "tools")
+    ]
     assert library and not wrong, wrong
 
 
 def test_closure_follows_from_package_imports():
     closure = import_closure("stages.qat")
     # runtime.py imports `from edgekd import config`; qat imports `from edgekd.train import engine`
-    assert {"stages/qat.py", "src/edgekd/train/engine.py", "src/edgekd/runtime.py", "src/edgekd/config.py",
-            "src/edgekd/errors.py"} <= closure
+    assert {
+        "stages/qat.py",
+        "src/edgekd/train/engine.py",
+        "src/edgekd/runtime.py",
+        "src/edgekd/config.py",
+        "src/edgekd/errors.py",
+    } <= closure
     assert not any(p.endswith("__init__.py") for p in closure)
 
 
@@ -89,9 +102,12 @@ def test_package_inits_hold_no_code():
 def test_sync_rewrites_exactly_the_code_deps(tmp_path: Path):
     text = (REPO / "dvc.yaml").read_text()
     broken = text.replace("      - src/edgekd/train/quant.py\n", "", 1).replace(
-        "      - stages/prepare.py\n", "      - stages/prepare.py\n      - src/edgekd/train/engine.py\n", 1)
+        "      - stages/prepare.py\n", "      - stages/prepare.py\n      - src/edgekd/train/engine.py\n", 1
+    )
     assert broken != text and sync(broken) == sync(text)
     assert sync(text) == text  # the committed dvc.yaml is in sync
+    studies = (REPO / "studies/dvc.yaml").read_text()
+    assert sync(studies) == studies  # and the studies' pipeline file
 
 
 @pytest.mark.parametrize("stage", stages(), ids=lambda s: s.addressing)
@@ -105,8 +121,12 @@ def test_code_deps_are_the_import_closure(stage):
 def test_no_output_keeps_a_stage_out_of_the_run_cache():
     """DVC skips its run-cache for a stage with a `persist: true` output (dvc/stage/cache.py) or with a
     `cache: false` output that is neither a metric nor a plot (dvc/stage/__init__.py, Stage.run)."""
-    blocking = [f"{s.addressing}: {o.def_path}" for s in stages() for o in s.outs
-                if o.persist or not (o.use_cache or o.is_metric or o.is_plot)]
+    blocking = [
+        f"{s.addressing}: {o.def_path}"
+        for s in stages()
+        for o in s.outs
+        if o.persist or not (o.use_cache or o.is_metric or o.is_plot)
+    ]
     assert not blocking, blocking
 
 
@@ -140,20 +160,57 @@ def test_quick_start_prints_no_library_warnings(tiny_repo_template: Path):
 
 def _output_md5s(repo: Path) -> dict[str, str]:
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    return {f"{name}:{out['path']}": out["md5"] for name, stage in lock["stages"].items()
-            for out in stage.get("outs", [])}
+    return {
+        f"{name}:{out['path']}": out["md5"] for name, stage in lock["stages"].items() for out in stage.get("outs", [])
+    }
 
 
 def _file_md5s(repo: Path, folders=("models", "metrics", "plots", "dvclive")) -> dict[str, str]:
-    return {str(p.relative_to(repo)): hashlib.md5(p.read_bytes()).hexdigest()
-            for d in folders for p in sorted((repo / d).rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(repo)): hashlib.md5(p.read_bytes()).hexdigest()
+        for d in folders
+        for p in sorted((repo / d).rglob("*"))
+        if p.is_file()
+    }
 
 
 STUDENT_STAGES = ("baseline", "distill", "qat", "export@fp32", "export@int8", "evaluate@fp32", "evaluate@int8")
 
 
-def test_going_back_restores_every_student_stage_from_the_run_cache(tiny_repo_template: Path,
-                                                                  changed_student_repo: Path):
+DEPLOYED_PIPELINE = [
+    "prepare",
+    "train_teacher@resnet18",
+    "train_teacher@mobilenet_v2",
+    "train_teacher@densenet121",
+    "baseline",
+    "soft_targets",
+    "distill",
+    "qat",
+    "export@fp32",
+    "export@int8",
+    "export@baseline",
+    "evaluate@fp32",
+    "evaluate@int8",
+    "evaluate@baseline",
+]
+
+
+def test_default_pipeline_builds_the_deployed_model_and_a_student_change_reruns_only_its_stages(
+    changed_student_repo: Path,
+):
+    """`dvc repro` runs dvc.yaml alone: the studies (studies/dvc.yaml) only with -P. A width and input
+    change reruns the students, their exports and evaluations, nothing else."""
+    assert [s.addressing for s in stages(changed_student_repo) if s.path_in_repo == "dvc.yaml"] == DEPLOYED_PIPELINE
+    log = (changed_student_repo.parent / REPRO_LOG).read_text()
+    assert set(re.findall(r"Running stage '([^']+)'", log)) == set(STUDENT_STAGES) | {
+        "export@baseline",
+        "evaluate@baseline",
+    }
+
+
+def test_going_back_restores_every_student_stage_from_the_run_cache(
+    tiny_repo_template: Path, changed_student_repo: Path
+):
     before_lock, before_files = _output_md5s(tiny_repo_template), _file_md5s(tiny_repo_template)
     assert _output_md5s(changed_student_repo) != before_lock  # the change really retrained the students
     set_params(changed_student_repo, {"student": {"width": 0.25, "image_size": None}})
@@ -167,9 +224,12 @@ def test_going_back_restores_every_student_stage_from_the_run_cache(tiny_repo_te
     assert _file_md5s(changed_student_repo) == before_files  # byte-identical, git-tracked metrics and curves too
 
 
+RAN = r"Running stage '(?:studies/dvc.yaml:)?([^']+)'"  # a study stage by its name alone
+
+
 def _would_run(repo: Path) -> set[str]:
-    """Stages `dvc repro --dry` would run because something they declare changed."""
-    return set(re.findall(r"Running stage '([^']+)'", sh("dvc", "repro", "--dry", cwd=repo).stdout))
+    """Stages of both pipelines (-P) `dvc repro --dry` would run because something they declare changed."""
+    return set(re.findall(RAN, sh("dvc", "repro", "-P", "--dry", cwd=repo).stdout))
 
 
 def _reruns(repo: Path, changed: set[str]) -> set[str]:
@@ -197,11 +257,20 @@ def test_student_seed_and_ensemble_rerun_no_teacher(tiny_repo: Path):
     calibration sample anew; `-S kd.ensemble=...` only what learns from the soft targets."""
     set_params(tiny_repo, {"student": {"seed": 1}})
     changed = _would_run(tiny_repo)
-    assert changed == {"baseline", "distill", "qat", "qat_a16", "qat_mixed", "qat_mixed_a16", "qat_scratch", "ptq"}
+    assert changed == {
+        "baseline",
+        "distill",
+        "qat",
+        "qat_kd@a16",
+        "qat_kd@mixed",
+        "qat_kd@mixed_a16",
+        "qat_scratch",
+        "ptq",
+    }
     assert not _reruns(tiny_repo, changed) & TEACHER_STAGES
     set_params(tiny_repo, {"student": {"seed": 42}, "kd": {"ensemble": "confidence"}})
     changed = _would_run(tiny_repo)
-    assert changed == {"distill", "qat", "qat_a16", "qat_mixed", "qat_mixed_a16"}
+    assert changed == {"distill", "qat", "qat_kd@a16", "qat_kd@mixed", "qat_kd@mixed_a16"}
     assert "baseline" not in _reruns(tiny_repo, changed) and not _reruns(tiny_repo, changed) & TEACHER_STAGES
 
 
@@ -209,9 +278,9 @@ def test_bit_budget_reruns_only_allocation_mixed_qat_export_and_evaluate(tiny_re
     """A real experiment: the activation allocation is rewritten byte for byte, so DVC skips the mixed
     16/8 QAT that reads it, which the stage graph alone cannot tell; only the mixed file is exported
     and measured again."""
-    proc = sh("dvc", "exp", "run", "-S", "qat.avg_weight_bits=4.5", cwd=tiny_repo)
-    ran = set(re.findall(r"Running stage '([^']+)'", proc.stdout + proc.stderr))
-    assert ran == {"allocate_bits", "qat_mixed", "export@mixed", "evaluate@mixed"}
+    proc = sh("dvc", "exp", "run", "-P", "-S", "qat.avg_weight_bits=4.5", cwd=tiny_repo)
+    ran = set(re.findall(RAN, proc.stdout + proc.stderr))
+    assert ran == {"allocate_bits", "qat_kd@mixed", "export@mixed", "evaluate@mixed"}
     assert json.loads((tiny_repo / "metrics/bit_allocation.json").read_text())["budget"] == 4.5
 
 

@@ -6,21 +6,16 @@ import shutil
 import pytest
 import torch
 
-from edgekd.data.prepared import load_info, load_split
-from edgekd.runtime import seed_everything
-from edgekd.train.engine import (
-    FitSetup,
-    evaluate,
-    fingerprint,
-    fit,
-    iterate_batches,
-    make_optimizer,
-    resume_file,
-    steps_per_epoch,
-    train_one_epoch,
-)
+from edgekd.data.batches import load_split
+from edgekd.data.prepared import load_info
+from edgekd.train.batching import iterate_batches, steps_per_epoch
+from edgekd.train.device import seed_everything
+from edgekd.train.engine import fit, make_optimizer, train_one_epoch
+from edgekd.train.evaluation import evaluate
+from edgekd.train.fit_setup import FitSetup
 from edgekd.train.losses import ce_loss_fn
 from edgekd.train.models import build_model
+from edgekd.train.resume import fingerprint, resume_file
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +26,17 @@ def data(prepared_small):
 
 def _setup(info, tmp_path=None, epochs=3, **kw):
     live = None if tmp_path is None else tmp_path / "live"
-    return FitSetup(epochs=epochs, batch_size=16, eval_batch_size=64, seed=7, mean=info.mean, std=info.std,
-                    live_dir=live, resume_path=None if live is None else resume_file(live), **kw)
+    return FitSetup(
+        epochs=epochs,
+        batch_size=16,
+        eval_batch_size=64,
+        seed=7,
+        mean=info.mean,
+        std=info.std,
+        live_dir=live,
+        resume_path=None if live is None else resume_file(live),
+        **kw,
+    )
 
 
 def _run(info, train, val, setup, lr=0.01, on_epoch_start=None):
@@ -51,8 +55,9 @@ def test_training_steps_on_real_images_reduce_loss(data):
     setup = _setup(info)
     batch = next(iterate_batches(*train, setup, torch.Generator().manual_seed(0), augment=None))
     before = model.classifier[-1].weight.detach().clone()
-    losses = [train_one_epoch(model, ce_loss_fn(0.0), optimizer, None, iter([batch]), setup.device)["loss"]
-              for _ in range(8)]
+    losses = [
+        train_one_epoch(model, ce_loss_fn(0.0), optimizer, None, iter([batch]), setup.device)["loss"] for _ in range(8)
+    ]
     assert losses[-1] < 0.7 * losses[0]
     assert not torch.equal(before, model.classifier[-1].weight)
 

@@ -12,25 +12,24 @@ import torch
 from tiny_pipeline import repo_params
 from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
+from edgekd.data.batches import load_split, normalize
 from edgekd.data.images import RESIZE_METHOD
-from edgekd.data.prepared import load_info, load_split, normalize
-from edgekd.deploy.export import (
-    ModelMeta,
+from edgekd.data.prepared import load_info
+from edgekd.deploy.export import export_onnx
+from edgekd.deploy.gates import (
     check_fp32_export,
     check_int8_export,
     compare,
     conv_kernels,
-    export_onnx,
-    file_opset,
     float_convs_expected,
     output_step,
-    read_metadata,
-    store_int4_weights,
-    store_int16_activations,
 )
+from edgekd.deploy.metadata import ModelMeta, read_metadata
+from edgekd.deploy.onnx_rewrite import file_opset, store_int4_weights, store_int16_activations
 from edgekd.deploy.sessions import make_runner
 from edgekd.errors import UserError
-from edgekd.train.engine import FitSetup, recalibrate_bn
+from edgekd.train.evaluation import recalibrate_bn
+from edgekd.train.fit_setup import FitSetup
 from edgekd.train.models import build_model
 from edgekd.train.quant import (
     apply_bits,
@@ -57,8 +56,15 @@ def val_x(prepared_small):
 @pytest.fixture(scope="module")
 def meta(prepared_small):
     info = load_info(prepared_small)
-    return ModelMeta(classes=info.classes, image_size=info.image_size, mean=info.mean, std=info.std,
-                     arch=ARCH, width=0.25, params=123)
+    return ModelMeta(
+        classes=info.classes,
+        image_size=info.image_size,
+        mean=info.mean,
+        std=info.std,
+        arch=ARCH,
+        width=0.25,
+        params=123,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +80,9 @@ def fp32(meta, prepared_small):
         optimizer.zero_grad()
         torch.nn.functional.cross_entropy(model(x), labels).backward()
         optimizer.step()
-    recalibrate_bn(model, images, FitSetup(epochs=1, batch_size=16, eval_batch_size=64, seed=0,
-                                           mean=meta.mean, std=meta.std))
+    recalibrate_bn(
+        model, images, FitSetup(epochs=1, batch_size=16, eval_batch_size=64, seed=0, mean=meta.mean, std=meta.std)
+    )
     return model.eval()
 
 
@@ -88,8 +95,12 @@ def exported(fp32, meta, val_x, tmp_path_factory):
         qat(val_x)
     freeze_qat(qat).eval()  # as the qat stage saves it: ranges fixed from here on
     integer = convert(qat)
-    return {"fp32": export_onnx(fp32, out / "fp32.onnx", meta, 17),
-            "int8": export_onnx(integer, out / "int8.onnx", meta, 17), "qat": qat, "integer": integer}
+    return {
+        "fp32": export_onnx(fp32, out / "fp32.onnx", meta, 17),
+        "int8": export_onnx(integer, out / "int8.onnx", meta, 17),
+        "qat": qat,
+        "integer": integer,
+    }
 
 
 def test_fp32_parity_and_dynamic_batch(exported, fp32, val_x):
@@ -112,8 +123,9 @@ def test_missing_or_malformed_metadata_is_refused(exported, tmp_path):
     onnx.save(model, str(tmp_path / "bare.onnx"))
     with pytest.raises(UserError, match=r"metadata lacks \['classes', 'image_size'"):
         read_metadata(tmp_path / "bare.onnx")
-    onnx.helper.set_model_props(model, {"classes": "[oops", "image_size": "32", "mean": "[0,0,0]",
-                                        "std": "[1,1,1]", "resize": RESIZE_METHOD})
+    onnx.helper.set_model_props(
+        model, {"classes": "[oops", "image_size": "32", "mean": "[0,0,0]", "std": "[1,1,1]", "resize": RESIZE_METHOD}
+    )
     onnx.save(model, str(tmp_path / "bad.onnx"))
     with pytest.raises(UserError, match="malformed"):
         read_metadata(tmp_path / "bad.onnx")
@@ -132,11 +144,13 @@ def test_int8_mirrors_runtime_scheme(exported):
     """U8 activations and 7-bit S8 per-channel symmetric weights: what ORT runs fastest and QAT simulates."""
     graph = onnx.load(str(exported["int8"])).graph
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
-    dq_weights = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
-                  and inits[n.input[0]].ndim == 4]
+    dq_weights = [
+        n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].ndim == 4
+    ]
     assert dq_weights and all(inits[n.input[0]].dtype == np.int8 for n in dq_weights)
-    assert all(not inits[n.input[2]].any() and inits[n.input[1]].size == inits[n.input[0]].shape[0]
-               for n in dq_weights)  # zero point 0, one scale per output channel
+    assert all(
+        not inits[n.input[2]].any() and inits[n.input[1]].size == inits[n.input[0]].shape[0] for n in dq_weights
+    )  # zero point 0, one scale per output channel
     quantize = [n for n in graph.node if n.op_type == "QuantizeLinear"]
     assert quantize and all(inits[n.input[2]].dtype == np.uint8 for n in quantize)
     # 7-bit weights: a pair of uint8 x int8 products never saturates int16 (AVX2 without VNNI)
@@ -164,7 +178,9 @@ def test_openvino_runs_the_same_int8_file(exported, val_x):
 
 # The briefly trained model here is like the tiny project's (tests/tiny_pipeline.py): its logits span
 # a fine output grid, on which the engines' rounding noise measures up to ~15 steps.
-BRIEF_MODEL_GATES = repo_params({"export": {"quantized": {"max_logit_steps": 32, "min_agreement": 0.9}}}).export.quantized
+BRIEF_MODEL_GATES = repo_params(
+    {"export": {"quantized": {"max_logit_steps": 32, "min_agreement": 0.9}}}
+).export.quantized
 FP32_GATES = repo_params().export.fp32
 
 
@@ -225,8 +241,11 @@ def test_int4_weights_round_trip_and_the_mixed_file_passes_the_gates(exported, f
     path = export_onnx(integer, tmp_path / "mixed.onnx", meta, file_opset(17, wide_types=True))
     assert store_int4_weights(path, weights) == 3
     graph = onnx.load(str(path)).graph
-    stored = [onnx.numpy_helper.to_array(i).astype(np.int8) for i in graph.initializer
-              if i.data_type == onnx.TensorProto.INT4 and len(i.dims) > 1]
+    stored = [
+        onnx.numpy_helper.to_array(i).astype(np.int8)
+        for i in graph.initializer
+        if i.data_type == onnx.TensorProto.INT4 and len(i.dims) > 1
+    ]
     assert len(stored) == 3
     for w in weights:  # the ONNX INT4 initializer holds exactly torch's integer weights
         assert sum(s.shape == w.shape and np.array_equal(s, w) for s in stored) == 1
@@ -255,14 +274,20 @@ def test_16bit_outputs_are_stored_as_uint16_and_the_file_follows_the_fake_quant_
     assert store_int16_activations(path, grids) == 2
     graph = onnx.load(str(path)).graph
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
-    sixteen = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
-               and inits.get(n.input[2], np.zeros(0)).dtype == np.uint16]
+    sixteen = [
+        n
+        for n in graph.node
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and inits.get(n.input[2], np.zeros(0)).dtype == np.uint16
+    ]
     assert sum(n.op_type == "QuantizeLinear" for n in sixteen) >= 2  # pooling keeps its input's grid
     for layer in wide:  # the file's 16-bit grid is the fake-quant model's, exactly
         fake_quant = output_fake_quant(model, layer)
         assert fake_quant.quant_max == 65535
-        assert any(np.float32(inits[n.input[1]]) == np.float32(fake_quant.scale)
-                   and int(inits[n.input[2]]) == int(fake_quant.zero_point) for n in sixteen)
+        assert any(
+            np.float32(inits[n.input[1]]) == np.float32(fake_quant.scale)
+            and int(inits[n.input[2]]) == int(fake_quant.zero_point)
+            for n in sixteen
+        )
     # 16-bit tensors leave the convs writing and reading them in float, and only those
     assert 2 <= float_convs_expected(path) <= 4
     # Calibrated, not trained with fake-quant: on these 15 images its top-1 margins go down to 3
@@ -278,7 +303,6 @@ def test_16bit_outputs_are_stored_as_uint16_and_the_file_follows_the_fake_quant_
         other.get_submodule(layers[-1]).weight.neg_()
     with pytest.raises(UserError, match=r"a16.onnx: max \|logit\| diff vs the fake-quant model .* output steps"):
         check_int8_export(None, other, path, val_x, gates)
-
 
 
 def test_int8_gate_fires_on_a_file_with_other_ranges(exported, fp32, meta, prepared_small):

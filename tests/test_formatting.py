@@ -29,7 +29,9 @@ def test_changes_of_accuracies_are_points_and_of_others_relative():
 
 
 def test_benchmark_and_pr_report_write_a_value_the_same_way():
-    table = markdown_table([{"model": "m", "size_bytes": 141_900, "accuracy": 0.988}],
-                           [("model", "model"), ("size_bytes", "size"), ("accuracy", "acc")])
+    table = markdown_table(
+        [{"model": "m", "size_bytes": 141_900, "accuracy": 0.988}],
+        [("model", "model"), ("size_bytes", "size"), ("accuracy", "acc")],
+    )
     assert table.splitlines()[2] == "| m | 0.142 MB | 98.80 % |"
     assert format_change(MetricChange("m", "size_bytes", 141_900, 283_800)) == "+0.142 MB (+100.0%)"

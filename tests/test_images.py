@@ -94,8 +94,9 @@ def test_exif_orientation_is_applied(tmp_path):
     assert img[0, -1].min() > 150  # top-left marker moved to the top-right
 
 
-@pytest.mark.parametrize("case", ["zero_byte", "text_named_jpg", "truncated_jpeg", "corrupt_jpeg",
-                                  "truncated_png", "directory"])
+@pytest.mark.parametrize(
+    "case", ["zero_byte", "text_named_jpg", "truncated_jpeg", "corrupt_jpeg", "truncated_png", "directory"]
+)
 def test_unreadable_files_raise_one_line_naming_the_file(tmp_path, real_jpeg, case):
     data = real_jpeg.read_bytes()
     png = io.BytesIO()
@@ -104,13 +105,15 @@ def test_unreadable_files_raise_one_line_naming_the_file(tmp_path, real_jpeg, ca
     if case == "directory":
         path.mkdir()
     else:
-        path.write_bytes({
-            "zero_byte": b"",
-            "text_named_jpg": b"just some notes, not a picture\n",
-            "truncated_jpeg": data[: len(data) // 2],
-            "corrupt_jpeg": data[:2] + bytes(range(256)) * 4 + data[1026:],
-            "truncated_png": png.getvalue()[: len(png.getvalue()) // 2],
-        }[case])
+        path.write_bytes(
+            {
+                "zero_byte": b"",
+                "text_named_jpg": b"just some notes, not a picture\n",
+                "truncated_jpeg": data[: len(data) // 2],
+                "corrupt_jpeg": data[:2] + bytes(range(256)) * 4 + data[1026:],
+                "truncated_png": png.getvalue()[: len(png.getvalue()) // 2],
+            }[case]
+        )
     with pytest.raises(UnreadableImage) as err:
         load_rgb(path, LIMIT)
     message = str(err.value)

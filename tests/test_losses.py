@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgekd.train.engine import Batch
+from edgekd.train.batching import Batch
 from edgekd.train.losses import (
     confidence_ensemble,
     confidence_weights,
@@ -37,7 +37,11 @@ def test_kd_loss_hand_computed():
 
 def _logits(seed=0, b=8, c=5):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, c, generator=g) * 3, torch.randn(b, c, generator=g) * 3, torch.randint(0, c, (b,), generator=g)
+    return (
+        torch.randn(b, c, generator=g) * 3,
+        torch.randn(b, c, generator=g) * 3,
+        torch.randint(0, c, (b,), generator=g),
+    )
 
 
 def test_alpha_zero_is_plain_label_smoothed_cross_entropy():
@@ -115,8 +119,9 @@ def test_ensemble_is_mean_of_teacher_logits_in_eval_mode():
 
 def test_confidence_weights_hand_computed_for_3_teachers_and_2_samples():
     # sample 0 (label 0): A is sure and right, B undecided, C sure and wrong; sample 1: all alike
-    logits = torch.tensor([[[2.0, 0.0], [0.0, 0.0], [0.0, 2.0]],
-                           [[1.0, 3.0], [1.0, 3.0], [1.0, 3.0]]])  # (N=2, K=3, C=2)
+    logits = torch.tensor(
+        [[[2.0, 0.0], [0.0, 0.0], [0.0, 2.0]], [[1.0, 3.0], [1.0, 3.0], [1.0, 3.0]]]
+    )  # (N=2, K=3, C=2)
     labels = torch.tensor([0, 1])
     ce = [math.log(1 + math.exp(-2)), math.log(2), math.log(1 + math.exp(2))]  # -log p(label) per teacher
     softmax = [math.exp(c) / sum(math.exp(d) for d in ce) for c in ce]
@@ -125,7 +130,7 @@ def test_confidence_weights_hand_computed_for_3_teachers_and_2_samples():
     torch.testing.assert_close(weights, expected)
     assert weights[0, 0] > weights[0, 1] > weights[0, 2]  # the right teacher counts most
     torch.testing.assert_close(weights.sum(1), torch.ones(2))
-    expected_logits = (expected[0, 0] * logits[0, 0] + expected[0, 1] * logits[0, 1] + expected[0, 2] * logits[0, 2])
+    expected_logits = expected[0, 0] * logits[0, 0] + expected[0, 1] * logits[0, 1] + expected[0, 2] * logits[0, 2]
     combined = confidence_ensemble(logits, labels)
     torch.testing.assert_close(combined[0], expected_logits)
     torch.testing.assert_close(combined[1], logits[1, 0])  # equal weights of equal teachers

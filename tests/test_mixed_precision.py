@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +17,12 @@ from edgekd.train.mixed_precision import (
     average_bits,
     layer_sensitivity,
     logits_of,
+    per_layer,
     read_bits,
 )
 from edgekd.train.quant import calibrate, layer_weights, prepare_qat, quantized_layers, set_layer_bits
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _fragile_model() -> nn.Module:
@@ -27,9 +31,17 @@ def _fragile_model() -> nn.Module:
     never sees it, but a per-channel grid wide enough for it leaves 4-bit steps so coarse that every
     other weight of the layer rounds to 0."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-                          nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(8, 4))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
     with torch.no_grad():
         model[0].weight[7].zero_()
         model[0].bias[7] = -1.0  # channel 7 is 0 after the ReLU, always
@@ -121,3 +133,18 @@ def test_activation_bits_go_to_the_layers_that_gain_most_from_16_bits(tmp_path):
     path.write_text("layer,act16_kl_gain,activation_bits\na,0.5,4\n")
     with pytest.raises(UserError, match=r"activation_bits must be in \[8, 16\]"):
         read_bits(path, "activation_bits")
+
+
+def test_the_shipped_16_bit_plan_names_every_layer_of_the_student():
+    """studies/a16_bits.csv (stage qat_kd@a16): one row `*`, spelled out as each quantized layer at 16."""
+    model = prepare_qat(_fragile_model(), 8)
+    plan = per_layer(read_bits(REPO / "studies/a16_bits.csv", "activation_bits"), model)
+    assert plan == {layer: 16 for layer in quantized_layers(model)} and len(plan) == 4
+    assert per_layer({"0": 4}, model) == {"0": 4}  # an allocation stays as it is
+
+
+def test_a_star_row_must_stand_alone(tmp_path):
+    path = tmp_path / "bits.csv"
+    path.write_text("layer,weight_bits\n*,8\n0,4\n")
+    with pytest.raises(UserError, match="bits.csv: a row `\\*` \\(every layer\\) must be the only row"):
+        read_bits(path)

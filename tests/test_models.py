@@ -29,8 +29,11 @@ def test_student_forward_and_width(arch, width):
 
 
 def test_width_scales_parameters():
-    assert count_params(build_model("mobilenet_v3_small", 5, 0.25)) < count_params(
-        build_model("mobilenet_v3_small", 5, 0.5)) < count_params(build_model("mobilenet_v3_small", 5, 1.0))
+    assert (
+        count_params(build_model("mobilenet_v3_small", 5, 0.25))
+        < count_params(build_model("mobilenet_v3_small", 5, 0.5))
+        < count_params(build_model("mobilenet_v3_small", 5, 1.0))
+    )
 
 
 def _types(model):
@@ -81,9 +84,15 @@ def _final_map(model: nn.Module, side: int) -> tuple[int, int]:
 
 # At 32 px (CIFAR): the ImageNet stems leave 1x1 maps; the small stems 4x4 (resnet18, densenet121:
 # stride-1 3x3 conv, no max-pool) or 2x2 (the MobileNets: stride-1 first conv; fused: 2x2 patchify).
-SMALL_STEM_MAPS = {"resnet18": (4, 4), "densenet121": (4, 4), "mobilenet_v2": (2, 2), "mobilenet_v3_small": (2, 2),
-                   "mobilenet_v3_small_relu": (2, 2), "mobilenet_v3_small_minimal": (2, 2),
-                   "mobilenet_v3_small_fused": (2, 2)}
+SMALL_STEM_MAPS = {
+    "resnet18": (4, 4),
+    "densenet121": (4, 4),
+    "mobilenet_v2": (2, 2),
+    "mobilenet_v3_small": (2, 2),
+    "mobilenet_v3_small_relu": (2, 2),
+    "mobilenet_v3_small_minimal": (2, 2),
+    "mobilenet_v3_small_fused": (2, 2),
+}
 
 
 @pytest.mark.parametrize("arch", sorted(SMALL_STEM_MAPS))
@@ -94,8 +103,11 @@ def test_small_input_stem_keeps_maps_at_32px_and_the_parameters_but_the_stem(arc
     first = next(m for m in small.modules() if isinstance(m, nn.Conv2d))
     assert first.in_channels == 3 and first.stride == ((2, 2) if arch.endswith("fused") else (1, 1))
     # Only a 7x7 stem conv that became 3x3 (or the fused 4x4 patchify become 2x2) changes the count.
-    removed = {"resnet18": (49 - 9) * 3 * 64, "densenet121": (49 - 9) * 3 * 64,
-               "mobilenet_v3_small_fused": (16 - 4) * 3 * first.out_channels}.get(arch, 0)
+    removed = {
+        "resnet18": (49 - 9) * 3 * 64,
+        "densenet121": (49 - 9) * 3 * 64,
+        "mobilenet_v3_small_fused": (16 - 4) * 3 * first.out_channels,
+    }.get(arch, 0)
     assert count_params(imagenet) - count_params(small) == removed
     assert small(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 

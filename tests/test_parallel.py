@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny_pipeline import sh
 
 from edgekd.errors import UserError
-from edgekd.parallel import (PARALLEL_RUNS_ENV, SLOTS_DIR_ENV, cpu_share, parallel_runs, visible_devices,
-                             whole_machine)
-from tiny_pipeline import sh
+from edgekd.parallel import PARALLEL_RUNS_ENV, SLOTS_DIR_ENV, cpu_share, parallel_runs, visible_devices, whole_machine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,11 +109,24 @@ def test_prepare_holds_its_slot_while_decoding(two_runs, small_rice_tree, tmp_pa
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"].update({"root": str(small_rice_tree), "image_size": 32})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    cmd = [sys.executable, "-c", PREPARE, "--root", str(small_rice_tree), "--out", str(tmp_path / "prepared"),
-           "--metrics", str(tmp_path / "data.json"), "--plots", str(tmp_path / "plots"),
-           "--params", str(tmp_path / "params.yaml")]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**two_runs, "PAUSE_S": "1.5"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    cmd = [
+        sys.executable,
+        "-c",
+        PREPARE,
+        "--root",
+        str(small_rice_tree),
+        "--out",
+        str(tmp_path / "prepared"),
+        "--metrics",
+        str(tmp_path / "data.json"),
+        "--plots",
+        str(tmp_path / "plots"),
+        "--params",
+        str(tmp_path / "params.yaml"),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env={**two_runs, "PAUSE_S": "1.5"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         decoding = json.loads(proc.stdout.readline() or "{}")
         started = time.time()
@@ -143,8 +155,9 @@ os.execv(sys.executable, [sys.executable, "-c", launched, sys.argv[2]])
 
 
 def test_a_torchrun_launch_holds_a_slot_per_process_across_the_exec(two_runs):
-    launch = subprocess.Popen([sys.executable, "-c", EXEC_LAUNCHER, "2", "1.5"], env=two_runs,
-                              stdout=subprocess.PIPE, text=True)
+    launch = subprocess.Popen(
+        [sys.executable, "-c", EXEC_LAUNCHER, "2", "1.5"], env=two_runs, stdout=subprocess.PIPE, text=True
+    )
     launched = json.loads(launch.stdout.readline() or "{}")  # printed after the exec
     started = time.time()
     with whole_machine():
@@ -183,8 +196,9 @@ def test_a_claim_of_several_slots_is_served_first_and_never_deadlocks(two_runs):
     them deadlocks with it (a whole-machine claim holding slot 0 would, waiting for slot 1)."""
     holder = _claimer(two_runs, 1.5)
     assert holder.stdout.readline()  # it has its slot
-    pair = subprocess.Popen([sys.executable, "-c", EXEC_LAUNCHER, "2", "0.5"], env=two_runs,
-                            stdout=subprocess.PIPE, text=True)
+    pair = subprocess.Popen(
+        [sys.executable, "-c", EXEC_LAUNCHER, "2", "0.5"], env=two_runs, stdout=subprocess.PIPE, text=True
+    )
     _wait_for_a_claimer_at_the_gate(Path(two_runs[SLOTS_DIR_ENV]))  # the pair, holding slot 1
     single = _claimer(two_runs, 0.0)  # slot 1 was free, but the pair asked first
     whole = subprocess.Popen([sys.executable, "-c", WHOLE], env=two_runs, stdout=subprocess.PIPE, text=True)
@@ -201,8 +215,9 @@ def test_a_claim_of_several_slots_is_served_first_and_never_deadlocks(two_runs):
 
 
 def test_a_claim_of_more_slots_than_runs_fails_in_one_line(two_runs):
-    proc = subprocess.run([sys.executable, "-c", EXEC_LAUNCHER, "3", "0"], env=two_runs, capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", EXEC_LAUNCHER, "3", "0"], env=two_runs, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode != 0
     assert f"this stage needs 3 slots of {PARALLEL_RUNS_ENV}=2" in proc.stderr
 
@@ -242,8 +257,12 @@ def test_queued_experiments_run_side_by_side_with_latency_alone(tiny_repo: Path,
             assert "Running stage 'evaluate@int8'" in logs and "parallel runs: the machine to itself" in logs, logs
             assert "Running stage 'export" not in logs  # nothing upstream of bench.* reran
         shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=tiny_repo).stdout)
-        runs = {exp["name"]: exp["data"]["params"]["params.yaml"]["data"]["bench"]["runs"]
-                for rev in shown for exp_list in (rev.get("experiments") or []) for exp in exp_list["revs"]}
+        runs = {
+            exp["name"]: exp["data"]["params"]["params.yaml"]["data"]["bench"]["runs"]
+            for rev in shown
+            for exp_list in (rev.get("experiments") or [])
+            for exp in exp_list["revs"]
+        }
         assert runs == {"runs-11": 11, "runs-12": 12}
     finally:
         sh("dvc", "queue", "stop", "--kill", cwd=tiny_repo, check=False)

@@ -88,11 +88,13 @@ def _vega(rows_by_rev: dict[str, list[dict]]) -> dict:
 
 def test_split_plots_separates_changed_workspace_only_and_unchanged():
     same = [{"actual": "a", "predicted": "a"}]
-    plots = {"data": {
-        "plots/confusion_int8.csv": [_vega({"workspace": [{"actual": "a", "predicted": "b"}], "main": same})],
-        "plots/tradeoff.csv": [_vega({"workspace": same, "main": same})],
-        "dvclive/distill/plots/metrics/loss.tsv": [_vega({"workspace": same})],
-    }}
+    plots = {
+        "data": {
+            "plots/confusion_int8.csv": [_vega({"workspace": [{"actual": "a", "predicted": "b"}], "main": same})],
+            "plots/tradeoff.csv": [_vega({"workspace": same, "main": same})],
+            "dvclive/distill/plots/metrics/loss.tsv": [_vega({"workspace": same})],
+        }
+    }
     diff = split_plots(plots)
     assert list(diff.changed) == ["plots/confusion_int8.csv"]
     assert list(diff.only_workspace) == ["dvclive/distill/plots/metrics/loss.tsv"]
@@ -106,8 +108,9 @@ def test_plot_filename_is_flat_and_safe():
 
 
 def test_render_report_inline_images_or_links():
-    plots = PlotDiff(changed={"plots/tradeoff.csv": {}}, only_workspace={"dvclive/a.tsv": {}},
-                     unchanged=["plots/data/x.csv"])
+    plots = PlotDiff(
+        changed={"plots/tradeoff.csv": {}}, only_workspace={"dvclive/a.tsv": {}}, unchanged=["plots/data/x.csv"]
+    )
     images = {"plots/tradeoff.csv": "plots/plots_tradeoff.csv.png", "dvclive/a.tsv": "plots/dvclive_a.tsv.png"}
     local = render_report("main (abc)", "", "", "h\n", plots, images)
     assert "No params changed." in local and "No metrics changed." in local
@@ -189,6 +192,7 @@ def test_write_report_unknown_base_is_one_line_user_error(synthetic_repo: Path):
 
 # ---------------------------------------------------------------- the real pipeline, end to end
 
+
 def test_make_report_lists_width_change_and_student_deltas(changed_student_repo: Path):
     # The tiny project, committed, then reproduced again with student.width 0.5 (conftest)
     repo = changed_student_repo
@@ -202,11 +206,14 @@ def test_make_report_lists_width_change_and_student_deltas(changed_student_repo:
     assert re.search(r"\| params\.yaml \| student\.width +\| 0\.25 +\| 0\.5 +\|", report)
     # A wider student has more parameters; the headline says so for every student stage.
     for stage in ("baseline", "distill"):
-        assert re.search(rf"\| metrics/{stage}\.json \| params \| [\d.]+ K \| [\d.]+ K \| \+[\d.]+ K \(\+[\d.]+%\) \| worse \|",
-                         report), stage
+        assert re.search(
+            rf"\| metrics/{stage}\.json \| params \| [\d.]+ K \| [\d.]+ K \| \+[\d.]+ K \(\+[\d.]+%\) \| worse \|",
+            report,
+        ), stage
     for model in ("fp32", "int8"):  # the exported ONNX files grow too
-        assert re.search(rf"\| metrics/evaluate/{model}\.json \| size_bytes \| .* [KM]B \| .* [KM]B \| \+.* \| worse \|",
-                         report), model
+        assert re.search(
+            rf"\| metrics/evaluate/{model}\.json \| size_bytes \| .* [KM]B \| .* [KM]B \| \+.* \| worse \|", report
+        ), model
     assert "metrics/teacher_" not in report  # teachers were not retrained
     # The size/latency trade-off moved: rendered to a PNG that the report shows.
     assert "![tradeoff](plots/tradeoff.png)" in report

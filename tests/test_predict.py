@@ -15,9 +15,10 @@ import torch
 from tiny_pipeline import repo_params
 from torch import nn
 
+from edgekd.data.batches import normalize
 from edgekd.data.images import load_image
-from edgekd.data.prepared import normalize
-from edgekd.deploy.export import ModelMeta, export_onnx
+from edgekd.deploy.export import export_onnx
+from edgekd.deploy.metadata import ModelMeta
 from edgekd.deploy.predict import main
 from edgekd.train.models import build_model
 
@@ -98,7 +99,11 @@ def test_model_without_metadata_is_refused_with_one_line(model_path, small_rice_
     del bare.metadata_props[:]
     onnx.save(bare, str(tmp_path / "bare.onnx"))
     image = sorted((small_rice_tree / "Ipsala").iterdir())[0]
-    proc = subprocess.run([sys.executable, "-m", "edgekd.deploy.predict", str(tmp_path / "bare.onnx"), str(image)],
-                          cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgekd.deploy.predict", str(tmp_path / "bare.onnx"), str(image)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "metadata lacks" in proc.stderr

@@ -11,8 +11,12 @@ OUTPUT_DIRS = ("models", "prepared", "metrics", "plots", "dvclive")
 
 
 def output_hashes(repo: Path) -> dict[str, str]:
-    return {str(p.relative_to(repo)): hashlib.md5(p.read_bytes()).hexdigest()
-            for d in OUTPUT_DIRS for p in sorted((repo / d).rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(repo)): hashlib.md5(p.read_bytes()).hexdigest()
+        for d in OUTPUT_DIRS
+        for p in sorted((repo / d).rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_bad_param_fails_first_stage_in_one_line_and_checkout_restores_everything(tiny_repo: Path):

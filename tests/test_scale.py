@@ -55,14 +55,23 @@ def test_training_speed_is_compared_on_the_same_steps_from_both_sources(prepared
 
 
 def measurement(command: str, pipelines: dict, params: dict | None = None) -> dict:
-    return {"command": command, "commit": "abc1234", "runs": [], "throughput": {},
-            "machine": {"cpu": "cpu", "cores": 2, "simd": ["avx2"]}, "pipelines": pipelines,
-            "pipeline_image_size": 64, "pipeline_params": params or {"train": {"max_steps_per_epoch": 20}}}
+    return {
+        "command": command,
+        "commit": "abc1234",
+        "runs": [],
+        "throughput": {},
+        "machine": {"cpu": "cpu", "cores": 2, "simd": ["avx2"]},
+        "pipelines": pipelines,
+        "pipeline_image_size": 64,
+        "pipeline_params": params or {"train": {"max_steps_per_epoch": 20}},
+    }
 
 
 def stage_runs(prepare_mb: float, export_mb: float) -> list[dict]:
-    return [{"stage": "prepare", "seconds": 10.0, "peak_anon_mb": prepare_mb},
-            {"stage": "export", "seconds": 20.0, "peak_anon_mb": export_mb}]
+    return [
+        {"stage": "prepare", "seconds": 10.0, "peak_anon_mb": prepare_mb},
+        {"stage": "export", "seconds": 20.0, "peak_anon_mb": export_mb},
+    ]
 
 
 def test_report_joins_a_later_larger_pipeline_to_earlier_ones(tmp_path):

@@ -6,16 +6,17 @@ import pytest
 import torch
 from torch import nn
 
-from edgekd.data.prepared import load_info, load_split
+from edgekd.data.batches import load_split
+from edgekd.data.prepared import load_info
 from edgekd.errors import UserError
 from edgekd.train.augment import apply_augmentation, draw_augmentation
 from edgekd.train.checkpoints import save_checkpoint
-from edgekd.train.engine import FitSetup
+from edgekd.train.fit_setup import FitSetup
 from edgekd.train.losses import confidence_weights
 from edgekd.train.soft_targets import (
+    RENDER_CHUNK,
     combine_teachers,
     compute_soft_targets,
-    RENDER_CHUNK,
     load_soft_targets,
     render_view,
     save_soft_targets,
@@ -47,8 +48,18 @@ class _MeanColour(nn.Module):
 def sample(prepared_small):
     info = load_info(prepared_small)
     images, labels = load_split(prepared_small, "train")
-    targets = compute_soft_targets([_MeanColour(len(info.classes))], images, labels, views=3, seed=7,
-                                   augment="dihedral", mean=info.mean, std=info.std, batch_size=64, device=torch.device("cpu"))
+    targets = compute_soft_targets(
+        [_MeanColour(len(info.classes))],
+        images,
+        labels,
+        views=3,
+        seed=7,
+        augment="dihedral",
+        mean=info.mean,
+        std=info.std,
+        batch_size=64,
+        device=torch.device("cpu"),
+    )
     return info, images, labels, targets
 
 
@@ -65,11 +76,14 @@ def test_views_render_identically_and_differ_from_each_other(sample):
 def test_a_view_renders_the_same_pixels_in_any_batches(augment):
     """Rendered from its table, a batch of any rows in any order: the pixels of the view defined as
     fresh RENDER_CHUNK-image augmentations drawn from one generator (the definition stored hashes pin)."""
-    images = torch.randint(0, 256, (2 * RENDER_CHUNK + 37, 3, 16, 16), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(0))
+    images = torch.randint(
+        0, 256, (2 * RENDER_CHUNK + 37, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
     generator = torch.Generator().manual_seed(5 * 7_919 + 2)
-    chunks = [images[start:start + RENDER_CHUNK] for start in range(0, len(images), RENDER_CHUNK)]
-    defined = torch.cat([apply_augmentation(c, draw_augmentation(len(c), 16, generator, augment), augment) for c in chunks])
+    chunks = [images[start : start + RENDER_CHUNK] for start in range(0, len(images), RENDER_CHUNK)]
+    defined = torch.cat(
+        [apply_augmentation(c, draw_augmentation(len(c), 16, generator, augment), augment) for c in chunks]
+    )
     params = view_parameters(images, seed=5, view=2, augment=augment)
     assert torch.equal(torch.cat(list(render_view(images, params, augment, batch_size=100))), defined)
     rows = torch.randperm(len(images), generator=torch.Generator().manual_seed(1))[:150]
@@ -102,7 +116,8 @@ def test_mean_ensemble_of_one_teacher_is_its_logits_and_counts_its_hits(sample):
             hits.append((teacher(x).argmax(1) == labels).tolist())
     assert len({sum(h) for h in hits}) > 1  # the views differ in how often the teacher is right
     assert (logits.argmax(-1) == labels).float().mean().item() == pytest.approx(
-        sum(map(sum, hits)) / (3 * len(images)), abs=1e-6)
+        sum(map(sum, hits)) / (3 * len(images)), abs=1e-6
+    )
 
 
 def test_confidence_ensemble_weighs_each_teacher_per_sample_on_every_view(sample):
@@ -110,8 +125,18 @@ def test_confidence_ensemble_weighs_each_teacher_per_sample_on_every_view(sample
     good, bad = _MeanColour(len(info.classes)), _MeanColour(len(info.classes))
     with torch.no_grad():
         bad.head.weight.mul_(-1)  # a second teacher that disagrees with the first
-    stored = compute_soft_targets([good, bad], images, labels, views=2, seed=7, augment="dihedral",
-                                  mean=info.mean, std=info.std, batch_size=64, device=torch.device("cpu"))["teacher_logits"]  # (V, N, K, C)
+    stored = compute_soft_targets(
+        [good, bad],
+        images,
+        labels,
+        views=2,
+        seed=7,
+        augment="dihedral",
+        mean=info.mean,
+        std=info.std,
+        batch_size=64,
+        device=torch.device("cpu"),
+    )["teacher_logits"]  # (V, N, K, C)
     confident, confidence_mean = combine_teachers(stored, labels, "confidence")
     plain, plain_mean = combine_teachers(stored, labels, "mean")
     assert confident.shape == plain.shape == (2, len(images), len(info.classes))
@@ -168,7 +193,8 @@ def test_storage_rounding_reports_the_float16_error_and_flipped_top1():
     # one image whose classes 0 and 1 differ by less than float16 resolves at 1.0: its top-1 flips
     logits[0, 0] = torch.tensor([1.0, 1.0001, -5.0, -5.0])
     report = storage_rounding(logits, labels, ["mean", "confidence"])
-    assert report["stored_logit_max_error"] == pytest.approx((logits.half().float() - logits).abs().max().item(),
-                                                             abs=1e-6)
+    assert report["stored_logit_max_error"] == pytest.approx(
+        (logits.half().float() - logits).abs().max().item(), abs=1e-6
+    )
     assert 0 < report["stored_logit_max_error"] <= logits.abs().max().item() * 2**-11
     assert report["stored_top1_changed"]["mean"] == pytest.approx(1 / 100)

@@ -9,7 +9,8 @@ import torch
 import yaml
 from torch import nn
 
-from edgekd.data.prepared import load_info, load_split, normalize
+from edgekd.data.batches import load_split, normalize
+from edgekd.data.prepared import load_info
 from edgekd.train.soft_targets import compute_soft_targets, save_soft_targets
 from tools.studies import student_seeds
 from tools.studies.student_seeds import dihedral_mean, read_targets, run_seed, with_overrides
@@ -96,9 +97,21 @@ def test_one_seed_distils_from_stored_soft_targets_with_the_given_alpha(prepared
     raw = with_overrides(REPO / "params.yaml", None, Path("unused"))
     raw["student"] = {**raw["student"], "epochs": 2}
     path = tmp_path / "soft_targets.pt"
-    save_soft_targets(path, compute_soft_targets([teacher], images, labels, views=2, seed=raw["seed"], augment="dihedral",
-                                                    mean=info.mean, std=info.std, batch_size=64,
-                                                    device=torch.device("cpu")))
+    save_soft_targets(
+        path,
+        compute_soft_targets(
+            [teacher],
+            images,
+            labels,
+            views=2,
+            seed=raw["seed"],
+            augment="dihedral",
+            mean=info.mean,
+            std=info.std,
+            batch_size=64,
+            device=torch.device("cpu"),
+        ),
+    )
     targets = read_targets(raw, prepared_small, path)
 
     def distil(alpha: float) -> dict:

@@ -6,8 +6,13 @@ from pathlib import Path
 from tiny_pipeline import commit_all, sh
 
 # Outputs of the stages at both ends of the pipeline (cached by DVC, not by git).
-CACHED = ["prepared/train_images.npy", "models/teachers/resnet18.pt", "models/soft_targets.pt",
-          "models/student_int8.onnx", "models/student_mixed.onnx"]
+CACHED = [
+    "prepared/train_images.npy",
+    "models/teachers/resnet18.pt",
+    "models/soft_targets.pt",
+    "models/student_int8.onnx",
+    "models/student_mixed.onnx",
+]
 
 
 def test_push_then_pull_into_a_fresh_clone_reproduces_nothing(tiny_repo: Path, tmp_path: Path):

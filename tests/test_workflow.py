@@ -21,7 +21,9 @@ WORKFLOW = REPO / ".github/workflows/pr.yml"
 def schema_check(path: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows", str(path)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -96,7 +98,11 @@ def test_every_make_target_in_workflow_exists():
 
 
 def test_make_report_passes_base_and_plots_url():
-    dry = subprocess.run(["make", "-n", "report", "BASE=origin/dev", "PLOTS_URL=https://ci/run/7"],
-                         cwd=REPO, capture_output=True, text=True)
+    dry = subprocess.run(
+        ["make", "-n", "report", "BASE=origin/dev", "PLOTS_URL=https://ci/run/7"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert dry.returncode == 0, dry.stderr
     assert '-m tools.pr_report.run --base origin/dev --out reports/pr --plots-url "https://ci/run/7"' in dry.stdout

@@ -1,8 +1,8 @@
 """A throwaway git + DVC copy of this project with tiny params, for end-to-end pipeline tests.
 
-Building one runs the whole `dvc repro` once (about a minute on 2 cores); tests then work on
-cheap copies of it (`cp -a` keeps .git and the DVC cache), so each can change params, rerun,
-fail or check out without touching the others or this checkout.
+Building one runs the whole `dvc repro -P` once (the deployed model and the studies; a few minutes
+on 2 cores); tests then work on cheap copies of it (`cp -a` keeps .git and the DVC cache), so each
+can change params, rerun, fail or check out without touching the others or this checkout.
 """
 
 from __future__ import annotations
@@ -35,8 +35,7 @@ TINY_OVERRIDES = {
 
 
 # Commits made by the tests (and by `dvc exp run`) need an identity, whatever the machine's git config.
-GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
+GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 
 
 # Beside the template repo: what its `dvc repro` printed, and which params each stage read.
@@ -45,8 +44,7 @@ REPRO_LOG, PARAMS_TRACE = "repro.log", "params-trace"
 
 def sh(*cmd: str, cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a command, capturing text output; a failure shows its output in the assertion."""
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, **GIT_ENV, **(env or {})})
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, **GIT_ENV, **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -93,7 +91,7 @@ def make_tiny_repo(dest: Path, data_root: Path) -> Path:
     set_params(dest, deep_update({"data": {"root": str(data_root)}}, TINY_OVERRIDES))
     sh("git", "init", "-q", cwd=dest)
     commit_all(dest, "tiny project")
-    proc = sh("dvc", "repro", cwd=dest, env={PARAMS_TRACE_ENV: str(dest.parent / PARAMS_TRACE)})
+    proc = sh("dvc", "repro", "-P", cwd=dest, env={PARAMS_TRACE_ENV: str(dest.parent / PARAMS_TRACE)})
     (dest.parent / REPRO_LOG).write_text(proc.stdout + proc.stderr)
     commit_all(dest, "tiny run")
     return dest
@@ -116,7 +114,8 @@ CHANGED_STUDENT = {"student": {"width": 0.5, "image_size": 16}}
 
 def make_changed_student_repo(template: Path, dest: Path) -> Path:
     """A copy of the reproduced tiny project with CHANGED_STUDENT set (uncommitted) and `dvc repro`
-    run again; its output is kept beside it (REPRO_LOG)."""
+    (the deployed model's pipeline, as a user's experiment) run again; its output is kept beside it
+    (REPRO_LOG)."""
     clone_tiny_repo(template, dest)
     set_params(dest, CHANGED_STUDENT)
     proc = sh("dvc", "repro", cwd=dest)

@@ -84,18 +84,28 @@ def sync(text: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--dvc-yaml", type=Path, default=REPO / "dvc.yaml")
-    parser.add_argument("--check", action="store_true", help="only report; exit 1 when dvc.yaml differs")
+    parser.add_argument(
+        "--dvc-yaml",
+        type=Path,
+        nargs="+",
+        default=[REPO / "dvc.yaml", REPO / "studies/dvc.yaml"],
+        help="pipeline files (default: the deployed model's and the studies')",
+    )
+    parser.add_argument("--check", action="store_true", help="only report; exit 1 when a file differs")
     args = parser.parse_args()
-    text = args.dvc_yaml.read_text()
-    synced = sync(text)
-    if synced == text:
-        print(f"{args.dvc_yaml}: code deps match the import closures")
-    elif args.check:
-        sys.exit(f"{args.dvc_yaml}: code deps differ from the import closures; run python -m tools.dvc_deps")
-    else:
-        args.dvc_yaml.write_text(synced)
-        print(f"{args.dvc_yaml}: code deps rewritten from the import closures")
+    differ = []
+    for path in args.dvc_yaml:
+        text = path.read_text()
+        synced = sync(text)
+        if synced == text:
+            print(f"{path}: code deps match the import closures")
+        elif args.check:
+            differ.append(str(path))
+        else:
+            path.write_text(synced)
+            print(f"{path}: code deps rewritten from the import closures")
+    if differ:
+        sys.exit(f"{', '.join(differ)}: code deps differ from the import closures; run python -m tools.dvc_deps")
 
 
 if __name__ == "__main__":

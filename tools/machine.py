@@ -25,15 +25,35 @@ def machine_info() -> dict:
 
     flags = set((first("flags") or first("Features")).split())
     packages = ["torch", "torchvision", "onnxruntime", "openvino", "onnx", "dvc"]
-    return {"cpu": first("model name") or platform.processor() or platform.machine(),
-            "simd": [f for f in SIMD_FLAGS if f in flags],
-            "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-            "versions": {p: version(p) for p in packages}}
+    return {
+        "cpu": first("model name") or platform.processor() or platform.machine(),
+        "simd": [f for f in SIMD_FLAGS if f in flags],
+        "cores": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "versions": {p: version(p) for p in packages},
+    }
 
 
 def code_commit(repo: Path) -> str:
     """The commit the benchmark ran on, marked `-dirty` when tracked files differ from it."""
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ".", ":!params.yaml", ":!dvc.lock",
-                            ":!metrics", ":!plots", ":!dvclive"], cwd=repo).returncode != 0
+    dirty = (
+        subprocess.run(
+            [
+                "git",
+                "diff",
+                "--quiet",
+                "HEAD",
+                "--",
+                ".",
+                ":!params.yaml",
+                ":!dvc.lock",
+                ":!metrics",
+                ":!plots",
+                ":!dvclive",
+            ],
+            cwd=repo,
+        ).returncode
+        != 0
+    )
     return head.stdout.strip() + ("-dirty" if dirty else "")

@@ -22,8 +22,13 @@ from pydantic.fields import FieldInfo
 from edgekd.errors import UserError
 
 TeacherArch = Literal["resnet18", "mobilenet_v2", "densenet121"]
-StudentArch = Literal["mobilenet_v3_small", "mobilenet_v3_small_relu", "mobilenet_v3_small_minimal",
-                      "mobilenet_v3_small_fused", "mobilenet_v2"]
+StudentArch = Literal[
+    "mobilenet_v3_small",
+    "mobilenet_v3_small_relu",
+    "mobilenet_v3_small_minimal",
+    "mobilenet_v3_small_fused",
+    "mobilenet_v2",
+]
 # The network's first layers: torchvision's ImageNet stem, or one for small inputs such as CIFAR's
 # 32 px, where the ImageNet stem leaves 1x1 feature maps before the last stage (edgekd.train.models).
 Stem = Literal["imagenet", "small"]
@@ -100,8 +105,12 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _leaves_images_to_train_on(self) -> "DataConfig":
-        _require(self.val_fraction + self.test_fraction < 1, "data.val_fraction + data.test_fraction",
-                 self.val_fraction + self.test_fraction, "a sum < 1 (something must be left to train on)")
+        _require(
+            self.val_fraction + self.test_fraction < 1,
+            "data.val_fraction + data.test_fraction",
+            self.val_fraction + self.test_fraction,
+            "a sum < 1 (something must be left to train on)",
+        )
         return self
 
 
@@ -179,8 +188,12 @@ class QATConfig(_Section):
 
     def recipe(self) -> dict:
         """The fields the QAT training itself reads (not the bit allocation's): its fingerprint."""
-        return {"epochs": self.epochs, "lr": self.lr, "freeze_bn_epoch": self.freeze_bn_epoch,
-                "freeze_observer_epoch": self.freeze_observer_epoch}
+        return {
+            "epochs": self.epochs,
+            "lr": self.lr,
+            "freeze_bn_epoch": self.freeze_bn_epoch,
+            "freeze_observer_epoch": self.freeze_observer_epoch,
+        }
 
 
 class PTQConfig(_Section):
@@ -235,13 +248,24 @@ class Params(_Section):
     def _sections_agree(self) -> "Params":
         kd, batch, world = self.kd, self.train.batch_size, self.distributed.world_size
         size = self.data.image_size
-        _require(kd.ensemble == "mean" or len(self.teachers.archs) >= 2, "kd.ensemble", kd.ensemble,
-                 "mean when teachers.archs holds one teacher (weights compare teachers)")
-        _require(batch % world == 0, "train.batch_size", batch,
-                 f"a multiple of the {world} training processes (distributed.*): each takes an equal share "
-                 "of every batch")
-        _require(self.student_image_size <= size, "student.image_size", self.student.image_size,
-                 f"null or <= data.image_size ({size}): students are trained on the cached images")
+        _require(
+            kd.ensemble == "mean" or len(self.teachers.archs) >= 2,
+            "kd.ensemble",
+            kd.ensemble,
+            "mean when teachers.archs holds one teacher (weights compare teachers)",
+        )
+        _require(
+            batch % world == 0,
+            "train.batch_size",
+            batch,
+            f"a multiple of the {world} training processes (distributed.*): each takes an equal share of every batch",
+        )
+        _require(
+            self.student_image_size <= size,
+            "student.image_size",
+            self.student.image_size,
+            f"null or <= data.image_size ({size}): students are trained on the cached images",
+        )
         return self
 
     @property
@@ -253,11 +277,14 @@ def _is_section(annotation: Any) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, _Section)
 
 
-_SECTION_PREFIX: dict[type, str] = {Params: "", **{
-    f.annotation: f"{name}." for name, f in Params.model_fields.items() if _is_section(f.annotation)}}
+_SECTION_PREFIX: dict[type, str] = {
+    Params: "",
+    **{f.annotation: f"{name}." for name, f in Params.model_fields.items() if _is_section(f.annotation)},
+}
 _LEAVES: dict[type, frozenset[str]] = {
     cls: frozenset(name for name, f in cls.model_fields.items() if not _is_section(f.annotation))
-    for cls in _SECTION_PREFIX}
+    for cls in _SECTION_PREFIX
+}
 
 
 def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
@@ -270,10 +297,18 @@ _BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_e
 
 def _bounds(field: FieldInfo, name: str) -> tuple[str, bool]:
     """A field's range, e.g. (">= 32", False) or ("0 < width <= 4", True): its text, two-sided or not."""
-    lower = [(op, v) for m in field.metadata for op, key in (("<", "gt"), ("<=", "ge"))
-             if (v := getattr(m, key, None)) is not None]
-    upper = [(op, v) for m in field.metadata for op, key in (("<", "lt"), ("<=", "le"))
-             if (v := getattr(m, key, None)) is not None]
+    lower = [
+        (op, v)
+        for m in field.metadata
+        for op, key in (("<", "gt"), ("<=", "ge"))
+        if (v := getattr(m, key, None)) is not None
+    ]
+    upper = [
+        (op, v)
+        for m in field.metadata
+        for op, key in (("<", "lt"), ("<=", "le"))
+        if (v := getattr(m, key, None)) is not None
+    ]
     if lower and upper:
         return f"{lower[0][1]} {lower[0][0]} {name} {upper[0][0]} {upper[0][1]}", True
     if lower:
@@ -367,5 +402,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 def as_dict(section: Any) -> dict:
     """Plain dict of a config section, for checkpoints and metrics (records every field as read)."""
-    return {name: as_dict(v) if isinstance(v := getattr(section, name), BaseModel) else copy.deepcopy(v)
-            for name in type(section).model_fields}
+    return {
+        name: as_dict(v) if isinstance(v := getattr(section, name), BaseModel) else copy.deepcopy(v)
+        for name in type(section).model_fields
+    }

@@ -36,9 +36,10 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 from edgekd.errors import UserError
 
@@ -80,7 +81,7 @@ def cpu_share(index: int, runs: int, cpus: list[int]) -> tuple[int, ...]:
     remainder unused); with fewer cores than runs, slots share cores round-robin."""
     cpus = sorted(cpus)
     per = len(cpus) // runs
-    return tuple(cpus[index * per:(index + 1) * per]) if per else (cpus[index % len(cpus)],)
+    return tuple(cpus[index * per : (index + 1) * per]) if per else (cpus[index % len(cpus)],)
 
 
 def _lock(index: int, blocking: bool) -> IO | None:
@@ -113,9 +114,11 @@ def claim_slots(count: int = 1, gpus: int = 0) -> tuple[Slot, ...] | None:
     if _claimed:
         return tuple(_claimed)
     if not 1 <= count <= runs:
-        raise UserError(f"this stage needs {count} slots of {PARALLEL_RUNS_ENV}={runs}: run it with "
-                        f"{PARALLEL_RUNS_ENV} (and dvc queue start -j) of at least {count}, or with fewer "
-                        "processes")
+        raise UserError(
+            f"this stage needs {count} slots of {PARALLEL_RUNS_ENV}={runs}: run it with "
+            f"{PARALLEL_RUNS_ENV} (and dvc queue start -j) of at least {count}, or with fewer "
+            "processes"
+        )
     start = time.perf_counter()
     taken: dict[int, IO] = {}
     with _gate():  # holding part of the slots while waiting for the rest is safe behind the gate
@@ -129,15 +132,22 @@ def claim_slots(count: int = 1, gpus: int = 0) -> tuple[Slot, ...] | None:
                 break
             time.sleep(POLL_SECONDS)
     cpus = list(os.sched_getaffinity(0))
-    slots = tuple(Slot(index, runs, cpu_share(index, runs, cpus), index % gpus if gpus else None)
-                  for index in sorted(taken))
+    slots = tuple(
+        Slot(index, runs, cpu_share(index, runs, cpus), index % gpus if gpus else None) for index in sorted(taken)
+    )
     _held.extend(taken[slot.index] for slot in slots)
     _claimed.extend(slots)
     os.sched_setaffinity(0, sorted({cpu for slot in slots for cpu in slot.cpus}))
     gpu_ids = [slot.gpu for slot in slots if slot.gpu is not None]
-    log.info("parallel runs: slot%s %s of %d after %.1f s wait, cores %s%s", "s" if count > 1 else "",
-             ", ".join(str(slot.index) for slot in slots), runs, time.perf_counter() - start,
-             sorted(os.sched_getaffinity(0)), f", GPU {', '.join(map(str, gpu_ids))}" if gpu_ids else "")
+    log.info(
+        "parallel runs: slot%s %s of %d after %.1f s wait, cores %s%s",
+        "s" if count > 1 else "",
+        ", ".join(str(slot.index) for slot in slots),
+        runs,
+        time.perf_counter() - start,
+        sorted(os.sched_getaffinity(0)),
+        f", GPU {', '.join(map(str, gpu_ids))}" if gpu_ids else "",
+    )
     return slots
 
 
@@ -159,13 +169,18 @@ def claim_slots_across_exec(nproc: int, gpus: int = 0) -> tuple[Slot, ...] | Non
         return None
     for handle in _held:
         os.set_inheritable(handle.fileno(), True)
-    visible = visible_devices([slot.gpu for slot in slots if slot.gpu is not None],
-                              os.environ.get("CUDA_VISIBLE_DEVICES"))
+    visible = visible_devices(
+        [slot.gpu for slot in slots if slot.gpu is not None], os.environ.get("CUDA_VISIBLE_DEVICES")
+    )
     if visible is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = visible
     elif gpus:
-        log.warning("parallel runs: slots %s share GPUs; the %d processes use GPUs 0..%d",
-                    [slot.index for slot in slots], nproc, nproc - 1)
+        log.warning(
+            "parallel runs: slots %s share GPUs; the %d processes use GPUs 0..%d",
+            [slot.index for slot in slots],
+            nproc,
+            nproc - 1,
+        )
     return slots
 
 
@@ -174,8 +189,7 @@ def visible_devices(gpus: list[int], current: str | None) -> str | None:
     when unset), in order; None when there are none or two are the same."""
     if not gpus or len(set(gpus)) != len(gpus):
         return None
-    names = ([name.strip() for name in current.split(",")] if current
-             else [str(i) for i in range(max(gpus) + 1)])
+    names = [name.strip() for name in current.split(",")] if current else [str(i) for i in range(max(gpus) + 1)]
     return ",".join(names[gpu] for gpu in gpus)
 
 
@@ -190,8 +204,7 @@ def whole_machine() -> Iterator[None]:
     start = time.perf_counter()
     with _gate():  # claimers that come later wait for the gate, then for the slots
         handles = [_lock(index, blocking=True) for index in range(runs)]
-    log.info("parallel runs: the machine to itself (all %d slots) after %.1f s wait", runs,
-             time.perf_counter() - start)
+    log.info("parallel runs: the machine to itself (all %d slots) after %.1f s wait", runs, time.perf_counter() - start)
     try:
         yield
     finally:

@@ -1,5 +1,5 @@
-"""Process-wide set-up shared by every stage: seeds, determinism, the device, CPU threads,
-one-line errors, and the record of which params a stage read."""
+"""Process-wide set-up shared by every stage: one-line errors, seed streams, metrics files and the
+record of which params a stage read. Imports no torch (edgekd.train.device sets up torch stages)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,12 @@ import hashlib
 import json
 import logging
 import os
-import random
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
-
-import numpy as np
-import torch
 
 from edgekd import config
 from edgekd.errors import UserError
-from edgekd.parallel import claim_slot
 
 log = logging.getLogger("edgekd")
 
@@ -35,47 +30,9 @@ def stream_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:4], "little")
 
 
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed python, numpy and torch; returns a CPU generator."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
-
-
-def configure_determinism() -> None:
-    """Deterministic kernels where PyTorch has them.
-
-    Bit-identical results hold on one CPU kind: float kernels differ between instruction sets
-    (AVX2 vs AVX512-VNNI), and so do the training trajectories. On CUDA this is best effort:
-    `warn_only` stays on because some backward kernels the models use (adaptive average pooling)
-    have no deterministic CUDA version; cuBLAS gets the workspace setting its determinism needs.
-    """
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def select_device(name: str, threads: int) -> torch.device:
-    """`auto` picks CUDA when present; on CPU the thread count is set explicitly for repeatability.
-    With several experiments on the machine (edgekd.parallel), first waits for this run's slot: its
-    cores, and its GPU."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("params: train.device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    slot = claim_slot(torch.cuda.device_count() if name == "cuda" else 0)
-    if name == "cpu":
-        torch.set_num_threads(threads)
-    if slot is not None and slot.gpu is not None:
-        torch.cuda.set_device(slot.gpu)
-        return torch.device("cuda", slot.gpu)
-    return torch.device(name)
-
-
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's main(); a UserError becomes one line on stderr and exit status 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-    configure_determinism()
     try:
         main()
     except UserError as err:

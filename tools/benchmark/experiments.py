@@ -10,14 +10,16 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from edgekd.errors import UserError
 
-_RUNNING = re.compile(r"^Running stage '([^']+)'")
-_SKIPPED = re.compile(r"^Stage '([^']+)' didn't change, skipping")
+# Stage names as DVC prints them; a stage of studies/dvc.yaml by its name alone (`studies/dvc.yaml:ptq` ->
+# `ptq`): names are unique across the two pipeline files.
+_RUNNING = re.compile(r"^Running stage '(?:[^':]+:)?([^']+)'")
+_SKIPPED = re.compile(r"^Stage '(?:[^':]+:)?([^']+)' didn't change, skipping")
 _EXP_NAME = re.compile(r"^Ran experiment\(s\): (\S+)")
 
 
@@ -74,8 +76,7 @@ def run_experiment(args: list[str], cwd: Path) -> ExperimentRun:
     print(f"$ {' '.join(cmd)}", flush=True)
     start = time.monotonic()
     lines: list[tuple[float, str]] = [(start, "")]
-    with subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, bufsize=1) as proc:
+    with subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append((time.monotonic(), line.rstrip("\n")))

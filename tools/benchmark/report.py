@@ -5,8 +5,8 @@ Pure functions of the results dict, so the report can be regenerated and tested 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from tools import formatting as fmt
 
@@ -45,14 +45,17 @@ def pipeline_rows(pipeline: dict) -> list[dict]:
     rows.append({"stage": "**total (full run)**", "seconds": f"{pipeline['total_s']:.0f} s"})
     inc = pipeline.get("incremental")
     if inc:
-        rows.append({"stage": f"incremental `{inc['command']}`",
-                     "seconds": f"{inc['total_s']:.0f} s ({100 * inc['ratio']:.0f} % of full)"})
+        rows.append(
+            {
+                "stage": f"incremental `{inc['command']}`",
+                "seconds": f"{inc['total_s']:.0f} s ({100 * inc['ratio']:.0f} % of full)",
+            }
+        )
     return rows
 
 
 def goal_rows(goals: Sequence[dict]) -> list[dict]:
-    return [{"goal": g["goal"], "measured": g["measured"], "met": "yes" if g["met"] else "**MISSED**"}
-            for g in goals]
+    return [{"goal": g["goal"], "measured": g["measured"], "met": "yes" if g["met"] else "**MISSED**"} for g in goals]
 
 
 def simd_text(machine: dict) -> str:
@@ -69,9 +72,14 @@ def misses_section(results: dict) -> list[str]:
     if misses is None:  # reports written before misses were recorded
         return []
     names = misses["models"]
-    rows = [{"image": f"`{r['image']}`", "class": r["class"],
-             **{n: "✓" if r["predicted"][n] == r["class"] else r["predicted"][n] for n in names}}
-            for r in misses["rows"]]
+    rows = [
+        {
+            "image": f"`{r['image']}`",
+            "class": r["class"],
+            **{n: "✓" if r["predicted"][n] == r["class"] else r["predicted"][n] for n in names},
+        }
+        for r in misses["rows"]
+    ]
     missed = misses.get("missed_by_any", len(rows))
     listed = f" The first {len(rows)} in test order:" if len(rows) < missed else ""
     return [
@@ -91,18 +99,35 @@ def int8_export_section(results: dict) -> list[str]:
     checks = results.get("int8_export")
     if not checks:  # reports written before the export stage measured it
         return []
-    rows = [{"split": split, "images": c["images"], "agreement": c["top1_agreement"],
-             "max_diff": f"{c['max_abs_diff']:.4g}", "steps": f"{c['max_abs_diff'] / checks['output_step']:.1f}"}
-            for split, c in (("val (gated)", checks["parity_int8_torch"]),
-                             ("test (reported)", checks["parity_int8_torch_test"]))]
+    rows = [
+        {
+            "split": split,
+            "images": c["images"],
+            "agreement": c["top1_agreement"],
+            "max_diff": f"{c['max_abs_diff']:.4g}",
+            "steps": f"{c['max_abs_diff'] / checks['output_step']:.1f}",
+        }
+        for split, c in (
+            ("val (gated)", checks["parity_int8_torch"]),
+            ("test (reported)", checks["parity_int8_torch_test"]),
+        )
+    ]
     return [
         "## INT8 file vs the integer torch model",
         "onnxruntime running the INT8 file against PyTorch's converted integer model (the same integers "
         f"in two engines); output grid step {checks['output_step']:.4g}. Fake-quant model vs the file on val: "
         f"top-1 agreement {fmt.percent(checks['parity_fake_quant']['top1_agreement'])}.",
         "",
-        markdown_table(rows, [("split", "split"), ("images", "images"), ("agreement", "top-1 agreement"),
-                              ("max_diff", "max abs logit diff"), ("steps", "in output steps")]),
+        markdown_table(
+            rows,
+            [
+                ("split", "split"),
+                ("images", "images"),
+                ("agreement", "top-1 agreement"),
+                ("max_diff", "max abs logit diff"),
+                ("steps", "in output steps"),
+            ],
+        ),
         "",
     ]
 
@@ -122,11 +147,22 @@ def recipes_section(results: dict) -> list[str]:
         return []
     published = results.get("published") or {}
     by_key = published.get("recipes", {})
-    rows = [{**r, "accuracy": mean_std(r), "per_seed": per_seed(r),
-             "published_accuracy": by_key.get(r["key"], {}).get("accuracy"),
-             "published_size_bytes": by_key.get(r["key"], {}).get("size_bytes")} for r in recipes]
-    columns = [("model", "recipe"), ("accuracy", "test acc, mean ± std"), ("per_seed", "per seed"),
-               ("size_bytes", "file size")]
+    rows = [
+        {
+            **r,
+            "accuracy": mean_std(r),
+            "per_seed": per_seed(r),
+            "published_accuracy": by_key.get(r["key"], {}).get("accuracy"),
+            "published_size_bytes": by_key.get(r["key"], {}).get("size_bytes"),
+        }
+        for r in recipes
+    ]
+    columns = [
+        ("model", "recipe"),
+        ("accuracy", "test acc, mean ± std"),
+        ("per_seed", "per seed"),
+        ("size_bytes", "file size"),
+    ]
     if by_key:
         columns += [("published_accuracy", "seed, published acc"), ("published_size_bytes", "seed, published size")]
     n = len(recipes[0]["seeds"])
@@ -177,14 +213,13 @@ def render_markdown(results: dict) -> str:
         f"Command: `{results['command']}`  ",
         *([f"Commit: {results['commit']}  "] if "commit" in results else []),
         f"Date: {results['date']}  ",
-        f"Machine: {machine['cpu']}, {machine['cores']} cores{simd_text(machine)}; " + ", ".join(
-            f"{k} {v}" for k, v in machine["versions"].items()),
+        f"Machine: {machine['cpu']}, {machine['cores']} cores{simd_text(machine)}; "
+        + ", ".join(f"{k} {v}" for k, v in machine["versions"].items()),
         f"Data: `{results['data_root']}`, test split of {results['test_images']} images "
         "(never used for training or model selection).",
         "",
         "## Goals",
-        markdown_table(goal_rows(results["goals"]), [("goal", "goal"), ("measured", "measured"),
-                                                     ("met", "met")]),
+        markdown_table(goal_rows(results["goals"]), [("goal", "goal"), ("measured", "measured"), ("met", "met")]),
         "",
         "## Main table (same test split, same machine, same run)",
         "Latency: batch 1, 1 thread, median (p50) and p90 over repeated runs after warm-up; "
@@ -225,8 +260,15 @@ def plot_tradeoff(variants: Sequence[dict], path: Path) -> None:
         ys = [100 * row["fp32_accuracy"], 100 * row["int8_accuracy"]]
         sizes = [row["fp32_size_bytes"] / 2e3, row["int8_size_bytes"] / 2e3]
         (line,) = ax.plot(xs, ys, "-", alpha=0.5)
-        ax.scatter(xs[:1], ys[:1], s=sizes[:1], color=line.get_color(), marker="o", alpha=0.7,
-                   label=f"{row['variant']} (o FP32, ^ INT8)")
+        ax.scatter(
+            xs[:1],
+            ys[:1],
+            s=sizes[:1],
+            color=line.get_color(),
+            marker="o",
+            alpha=0.7,
+            label=f"{row['variant']} (o FP32, ^ INT8)",
+        )
         ax.scatter(xs[1:], ys[1:], s=sizes[1:], color=line.get_color(), marker="^", alpha=0.7)
     ax.set_xlabel("batch-1 p50 latency, ms (1 thread)")
     ax.set_ylabel("test accuracy, %")

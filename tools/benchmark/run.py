@@ -27,15 +27,16 @@ from pathlib import Path
 import yaml
 
 from edgekd.config import load_params
+from edgekd.deploy.metadata import read_export_checks
 from edgekd.errors import UserError
 from edgekd.runtime import run_stage
 from tools.benchmark import comparison
 from tools.benchmark.comparison import GOALS
-
-SEED_MODEL_KEYS = ("fp32", "int8", "image_size", "mean", "std")
 from tools.benchmark.experiments import ExperimentRun, overrides_to_args, run_experiment
 from tools.benchmark.report import plot_tradeoff, render_markdown
 from tools.machine import code_commit, machine_info
+
+SEED_MODEL_KEYS = ("fp32", "int8", "image_size", "mean", "std")
 
 
 def read_json(path: Path) -> dict:
@@ -46,8 +47,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="tools/benchmark/rice.yaml")
     parser.add_argument("--out", default="reports", help="folder for benchmark.{md,json,png}")
-    parser.add_argument("--render-only", action="store_true",
-                        help="rebuild benchmark.md and the plot from an existing benchmark.json")
+    parser.add_argument(
+        "--render-only", action="store_true", help="rebuild benchmark.md and the plot from an existing benchmark.json"
+    )
     args = parser.parse_args()
     out = Path(args.out)
     cfg = load_config(Path(args.config))
@@ -57,12 +59,15 @@ def main() -> None:
     start = time.perf_counter()
     repo = Path.cwd()
     commit = code_commit(repo)  # before the runs rewrite params.yaml, metrics and the lock
-    command = (f"make {cfg.get('make_target', 'bench')}  "
-               f"(python -m tools.benchmark.run --config {args.config} --out {args.out})")
+    command = (
+        f"make {cfg.get('make_target', 'bench')}  "
+        f"(python -m tools.benchmark.run --config {args.config} --out {args.out})"
+    )
 
     shutil.rmtree(repo / ".dvc" / "cache" / "runs", ignore_errors=True)
     seeds = cfg.get("student_seeds") or [load_params().student.seed]
-    full = run_experiment(["-f", *overrides_to_args(cfg["overrides"]), "-S", f"student.seed={seeds[0]}"], repo)
+    # -P (--all-pipelines): the studies (studies/dvc.yaml) beside the deployed model, in every run
+    full = run_experiment(["-f", "-P", *overrides_to_args(cfg["overrides"]), "-S", f"student.seed={seeds[0]}"], repo)
     runs = [full]
     main_eval = read_evaluations(repo)
     params = load_params()
@@ -70,7 +75,7 @@ def main() -> None:
 
     def departing(overrides: dict, targets: tuple[str, ...] = ()) -> ExperimentRun:
         (repo / "params.yaml").write_text(main_params_text)  # each experiment departs from the main run
-        runs.append(run_experiment([*overrides_to_args(overrides), *targets], repo))
+        runs.append(run_experiment([*overrides_to_args(overrides), *(targets or ["-P"])], repo))
         return runs[-1]
 
     evaluations, val = {seeds[0]: main_eval}, {params.kd.ensemble: {seeds[0]: distill_val_accuracy(repo)}}
@@ -88,8 +93,7 @@ def main() -> None:
     for variant in cfg.get("variants", []):
         run = departing(variant)
         v_params = load_params()
-        variants.append(comparison.variant_row(v_params.student, v_params.student_image_size,
-                                                 read_evaluations(repo)))
+        variants.append(comparison.variant_row(v_params.student, v_params.student_image_size, read_evaluations(repo)))
         incremental.append((variant, run))
 
     subprocess.run(["dvc", "exp", "apply", full.name], cwd=repo, check=True)
@@ -97,14 +101,15 @@ def main() -> None:
         raise RuntimeError("dvc exp apply did not restore the main run's metrics")
 
     params = load_params()
-    main_rows, test_images, misses = comparison.main_rows(params, repo, main_eval, cfg.get("seed_models"),
-                                                          cfg.get("max_missed_rows"))
+    main_rows, test_images, misses = comparison.main_rows(
+        params, repo, main_eval, cfg.get("seed_models"), cfg.get("max_missed_rows")
+    )
     pipeline = comparison.pipeline_summary(full, incremental)
     results = {
         "title": cfg["title"],
         "command": command,
         "commit": commit,
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine_info(),
         "data_root": params.data.root,
         "test_images": test_images,
@@ -116,7 +121,7 @@ def main() -> None:
         "ensembles": comparison.ensemble_rows(val),
         "variants": variants,
         "pipeline": pipeline,
-        "int8_export": read_json(repo / "metrics" / "export" / "int8.json"),
+        "int8_export": read_export_checks(repo / "models" / "student_int8.onnx"),
         "published": cfg.get("published"),
         "notes": comparison.notes(cfg.get("seed_models")) + cfg.get("notes", []),
         "bench_wall_s": round(time.perf_counter() - start),
@@ -147,14 +152,21 @@ def load_config(path: Path) -> dict:
         cfg = merged(load_config(path.parent / cfg.pop("base")), cfg)
     problems = [f"missing {key}" for key in ("title", "overrides", "goals") if key not in (cfg or {})]
     if not problems:
-        problems += [f"unknown goals.{key} (known: {', '.join(GOALS)})" for key in cfg["goals"] or {}
-                     if key not in GOALS]
+        problems += [
+            f"unknown goals.{key} (known: {', '.join(GOALS)})" for key in cfg["goals"] or {} if key not in GOALS
+        ]
         if "mixed_max_size_vs_int8" in cfg["goals"] and "mixed_max_drop" not in cfg["goals"]:
             problems.append("missing goals.mixed_max_drop (set with goals.mixed_max_size_vs_int8)")
-        problems += [f"missing seed_models.{key}" for key in SEED_MODEL_KEYS if "seed_models" in cfg
-                     and key not in (cfg["seed_models"] or {})]
-        problems += [f"missing published.{key}" for key in ("source", "recipes") if "published" in cfg
-                     and key not in (cfg["published"] or {})]
+        problems += [
+            f"missing seed_models.{key}"
+            for key in SEED_MODEL_KEYS
+            if "seed_models" in cfg and key not in (cfg["seed_models"] or {})
+        ]
+        problems += [
+            f"missing published.{key}"
+            for key in ("source", "recipes")
+            if "published" in cfg and key not in (cfg["published"] or {})
+        ]
     if problems:
         raise UserError(f"{path}: {'; '.join(problems)}")
     return cfg

@@ -157,8 +157,10 @@ def render_report(
         _plots_section(list(plots.changed), images, plots_url) or "No plot changed.\n",
     ]
     if plots.only_workspace:
-        parts += ["## Plots with no data at the base revision\n",
-                  _plots_section(list(plots.only_workspace), images, plots_url)]
+        parts += [
+            "## Plots with no data at the base revision\n",
+            _plots_section(list(plots.only_workspace), images, plots_url),
+        ]
     if plots.unchanged:
         parts.append("Unchanged plots: " + ", ".join(f"`{p}`" for p in plots.unchanged) + "\n")
     return "\n".join(parts)

@@ -36,11 +36,17 @@ def _dvc(args: list[str], repo: Path) -> str:
 
 def _base_label(base: str, repo: Path) -> str:
     """`base (short sha)`; a missing base is the usual CI mistake (shallow clone), so say how to fix it."""
-    proc = subprocess.run(["git", "rev-parse", "--short", "--verify", "--quiet", f"{base}^{{commit}}"],
-                          cwd=repo, capture_output=True, text=True)
+    proc = subprocess.run(
+        ["git", "rev-parse", "--short", "--verify", "--quiet", f"{base}^{{commit}}"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
-        raise UserError(f"report: base revision '{base}' not found in git; pass BASE=<branch|tag|sha> "
-                        "(in CI check out with fetch-depth: 0)")
+        raise UserError(
+            f"report: base revision '{base}' not found in git; pass BASE=<branch|tag|sha> "
+            "(in CI check out with fetch-depth: 0)"
+        )
     return f"{base} ({proc.stdout.strip()})"
 
 

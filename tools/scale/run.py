@@ -43,10 +43,14 @@ MB = 2**20
 # whole-split pass (validation, soft targets on one view, calibration, export checks, evaluation)
 # runs on the full split. Models of 20 steps have near-tied logits, which flip top-1 between the
 # two integer engines: the export gates are set not to stop the run (they are measured, not tested).
-PIPELINE_PARAMS = {"teachers": {"epochs": 1}, "student": {"epochs": 1}, "kd": {"views": 1},
-                   "qat": {"epochs": 2, "freeze_bn_epoch": 1, "freeze_observer_epoch": 1},
-                   "train": {"max_steps_per_epoch": 20},
-                   "export": {"quantized": {"max_logit_steps": 10**6, "min_agreement": 0.0}}}
+PIPELINE_PARAMS = {
+    "teachers": {"epochs": 1},
+    "student": {"epochs": 1},
+    "kd": {"views": 1},
+    "qat": {"epochs": 2, "freeze_bn_epoch": 1, "freeze_observer_epoch": 1},
+    "train": {"max_steps_per_epoch": 20},
+    "export": {"quantized": {"max_logit_steps": 10**6, "min_agreement": 0.0}},
+}
 
 
 def demo_tree(work: Path, images: int, largest: int) -> Path:
@@ -92,17 +96,35 @@ def prepare_run(work: Path, root: Path, image_size: int, keep: bool = False) -> 
     params_path = work / f"params-{image_size}.yaml"
     params_path.write_text(yaml.safe_dump(scale_params(root, image_size)))
     out, metrics = work / "prepared", work / "data.json"
-    cmd = [sys.executable, "-m", "stages.prepare", "--root", str(root), "--out", str(out),
-           "--metrics", str(metrics), "--plots", str(work / "plots"), "--params", str(params_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "stages.prepare",
+        "--root",
+        str(root),
+        "--out",
+        str(out),
+        "--metrics",
+        str(metrics),
+        "--plots",
+        str(work / "plots"),
+        "--params",
+        str(params_path),
+    ]
     seconds, peak_mb = measured_stage(cmd, work / "prepare.log", REPO)
     report = json.loads(metrics.read_text())
     cache = sum(f.stat().st_size for f in out.glob("*_images.npy"))
     if not keep:
         shutil.rmtree(out)
-    return {"images": report["images"]["total"], "image_size": image_size, "seconds": seconds,
-            "images_per_s": round(report["images"]["total"] / seconds, 1),
-            "peak_anon_mb": peak_mb, "cache_mb": round(cache / MB, 1),
-            "near_pairs": report["duplicates"]["near_pairs"]}
+    return {
+        "images": report["images"]["total"],
+        "image_size": image_size,
+        "seconds": seconds,
+        "images_per_s": round(report["images"]["total"] / seconds, 1),
+        "peak_anon_mb": peak_mb,
+        "cache_mb": round(cache / MB, 1),
+        "near_pairs": report["duplicates"]["near_pairs"],
+    }
 
 
 def pipeline_run(work: Path, root: Path, image_size: int) -> list[dict]:
@@ -131,8 +153,13 @@ def main() -> None:
     parser.add_argument("--out", default=REPO / "reports", type=Path)
     parser.add_argument("--counts", nargs="+", type=int, default=[5000, 20000, 75000])
     parser.add_argument("--image-sizes", nargs="+", type=int, default=[224, 64])
-    parser.add_argument("--pipeline-counts", nargs="*", type=int, default=[5000, 75000],
-                        help="tree sizes (among --counts) on which every stage runs")
+    parser.add_argument(
+        "--pipeline-counts",
+        nargs="*",
+        type=int,
+        default=[5000, 75000],
+        help="tree sizes (among --counts) on which every stage runs",
+    )
     parser.add_argument("--real", type=Path, help="a real ImageFolder tree to measure too (the rice sample)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -145,20 +172,37 @@ def main() -> None:
             runs.append({"data": name, **prepare_run(args.work, root, size, keep)})
             log.info("scale: %s at %d px: %s", name, size, json.dumps(runs[-1]))
             if keep:  # the training speed on the real sample, from its prepared splits
-                models = {f"student ({params.student.arch}, width {params.student.width})":
-                          (params.student.arch, params.student.width, 40), "teacher resnet18": ("resnet18", 1.0, 10)}
-                throughput = {"data": name, "image_size": size, "threads": params.train.threads,
-                              "batch_size": params.train.batch_size,
-                              "models": memory_mapped_vs_in_ram(args.work / "prepared", params, models)}
+                models = {
+                    f"student ({params.student.arch}, width {params.student.width})": (
+                        params.student.arch,
+                        params.student.width,
+                        40,
+                    ),
+                    "teacher resnet18": ("resnet18", 1.0, 10),
+                }
+                throughput = {
+                    "data": name,
+                    "image_size": size,
+                    "threads": params.train.threads,
+                    "batch_size": params.train.batch_size,
+                    "models": memory_mapped_vs_in_ram(args.work / "prepared", params, models),
+                }
                 log.info("scale: training speed %s", json.dumps(throughput))
                 shutil.rmtree(args.work / "prepared")
-    pipelines = {f"demo {n}": pipeline_run(args.work, demo_tree(args.work, n, max(args.counts)),
-                                           params.data.image_size)
-                 for n in sorted(args.pipeline_counts)}
-    current = {"command": "python -m tools.scale.run " + " ".join(sys.argv[1:]), "commit": commit,
-               "machine": machine_info(), "runs": runs, "pipelines": pipelines,
-               "pipeline_image_size": params.data.image_size, "pipeline_params": PIPELINE_PARAMS,
-               "throughput": throughput}
+    pipelines = {
+        f"demo {n}": pipeline_run(args.work, demo_tree(args.work, n, max(args.counts)), params.data.image_size)
+        for n in sorted(args.pipeline_counts)
+    }
+    current = {
+        "command": "python -m tools.scale.run " + " ".join(sys.argv[1:]),
+        "commit": commit,
+        "machine": machine_info(),
+        "runs": runs,
+        "pipelines": pipelines,
+        "pipeline_image_size": params.data.image_size,
+        "pipeline_params": PIPELINE_PARAMS,
+        "throughput": throughput,
+    }
     write_report([current], args.out)
 
 

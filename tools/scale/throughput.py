@@ -15,29 +15,42 @@ import numpy as np
 import torch
 
 from edgekd.config import Params
-from edgekd.data.prepared import load_info, load_split
-from edgekd.runtime import seed_everything, select_device
-from edgekd.train.engine import FitSetup, fresh_augmentation, iterate_batches, train_one_epoch
+from edgekd.data.batches import load_split
+from edgekd.data.prepared import load_info
+from edgekd.train.batching import fresh_augmentation, iterate_batches
+from edgekd.train.device import seed_everything, select_device
+from edgekd.train.engine import train_one_epoch
+from edgekd.train.fit_setup import FitSetup
 from edgekd.train.losses import ce_loss_fn
 from edgekd.train.models import build_model
 
 ROUNDS = 3
 
 
-def train_images_per_s(arch: str, width: float, images: torch.Tensor, labels: torch.Tensor, info,
-                       params: Params, steps: int) -> float:
+def train_images_per_s(
+    arch: str, width: float, images: torch.Tensor, labels: torch.Tensor, info, params: Params, steps: int
+) -> float:
     """Images/s of `steps` training steps of a fresh `arch` (batch, augmentation and threads from params)."""
     seed_everything(params.seed)
     model = build_model(arch, len(info.classes), width)
-    setup = FitSetup(epochs=1, batch_size=params.train.batch_size, eval_batch_size=params.train.eval_batch_size,
-                     seed=params.seed, mean=info.mean, std=info.std, augment=params.train.augment,
-                     max_steps=steps)
+    setup = FitSetup(
+        epochs=1,
+        batch_size=params.train.batch_size,
+        eval_batch_size=params.train.eval_batch_size,
+        seed=params.seed,
+        mean=info.mean,
+        std=info.std,
+        augment=params.train.augment,
+        max_steps=steps,
+    )
     generator = torch.Generator().manual_seed(params.seed)
-    batches = iterate_batches(images, labels, setup, generator,
-                              fresh_augmentation(generator, images.shape[-1], setup.augment))
+    batches = iterate_batches(
+        images, labels, setup, generator, fresh_augmentation(generator, images.shape[-1], setup.augment)
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    return train_one_epoch(model, ce_loss_fn(params.train.label_smoothing), optimizer, None, batches,
-                           setup.device, steps)["images_per_s"]
+    return train_one_epoch(
+        model, ce_loss_fn(params.train.label_smoothing), optimizer, None, batches, setup.device, steps
+    )["images_per_s"]
 
 
 def memory_mapped_vs_in_ram(prepared: Path, params: Params, models: dict[str, tuple[str, float, int]]) -> dict:
@@ -55,6 +68,10 @@ def memory_mapped_vs_in_ram(prepared: Path, params: Params, models: dict[str, tu
             for source, images in (("memory_mapped", mapped), ("in_ram", in_ram)):
                 speeds[source].append(train_images_per_s(arch, width, images, labels, info, params, steps))
         medians = {source: round(statistics.median(values), 1) for source, values in speeds.items()}
-        results[name] = {**medians, "ratio": round(medians["memory_mapped"] / medians["in_ram"], 3),
-                         "steps": steps, "rounds": ROUNDS}
+        results[name] = {
+            **medians,
+            "ratio": round(medians["memory_mapped"] / medians["in_ram"], 3),
+            "steps": steps,
+            "rounds": ROUNDS,
+        }
     return results

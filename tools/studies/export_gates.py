@@ -1,8 +1,8 @@
 """How far a good quantized file and a broken one are from their reference: the figures the export
 gates (`export.quantized.max_logit_steps`, `export.quantized.min_agreement`) are sized from.
 
-For every quantized file of a reproduced workspace (dvc.yaml's `onnx_models` of kind `quantized`),
-on every split (train, val, test: more images than the gate's val alone):
+For every quantized file of a reproduced workspace (the `onnx_models` of kind `quantized` of dvc.yaml
+and studies/dvc.yaml), on every split (train, val, test: more images than the gate's val alone):
 - the file against its reference (the converted integer torch model; the fake-quant model for a file
   with 16-bit activations): max |logit| difference in output steps and top-1 agreement;
 - the known broken kind that keeps top-1 answers: the same weights with the activation ranges
@@ -20,10 +20,12 @@ from pathlib import Path
 import yaml
 
 from edgekd.config import as_dict, load_params
-from edgekd.data.prepared import SPLITS, ModelInputs, load_split
-from edgekd.deploy.export import compare, output_step
+from edgekd.data.batches import ModelInputs, load_split
+from edgekd.data.prepared import SPLITS
+from edgekd.deploy.gates import compare, output_step
 from edgekd.deploy.sessions import make_runner
-from edgekd.runtime import run_stage, select_device
+from edgekd.runtime import run_stage
+from edgekd.train.device import select_device
 from edgekd.train.quant import calibrate, convert, load_qat_model, wide_outputs
 from tools.machine import code_commit, machine_info
 
@@ -31,16 +33,26 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def quantized_files(repo: Path) -> dict[str, tuple[Path, Path]]:
-    """name -> (fake-quant checkpoint, ONNX file), as dvc.yaml's export stages pair them."""
-    models = yaml.safe_load((repo / "dvc.yaml").read_text())["vars"][0]["onnx_models"]
-    return {name: (repo / m["checkpoint"], repo / "models" / f"{m['file']}.onnx")
-            for name, m in models.items() if m["kind"] == "quantized"}
+    """name -> (fake-quant checkpoint, ONNX file), as the export stages of both pipeline files pair them."""
+    models = {
+        name: m
+        for path in ("dvc.yaml", "studies/dvc.yaml")
+        for name, m in yaml.safe_load((repo / path).read_text())["vars"][0]["onnx_models"].items()
+    }
+    return {
+        name: (repo / m["checkpoint"], repo / "models" / f"{m['file']}.onnx")
+        for name, m in models.items()
+        if m["kind"] == "quantized"
+    }
 
 
 def distance(reference, path: Path, images: ModelInputs, step: float) -> dict:
     parity = compare(reference, make_runner(path), images)
-    return {"images": parity["images"], "max_steps": round(parity["max_abs_diff"] / step, 2),
-            "agreement": round(parity["top1_agreement"], 4)}
+    return {
+        "images": parity["images"],
+        "max_steps": round(parity["max_abs_diff"] / step, 2),
+        "agreement": round(parity["top1_agreement"], 4),
+    }
 
 
 def measure_file(checkpoint: Path, path: Path, splits: dict) -> dict:
@@ -55,9 +67,12 @@ def measure_file(checkpoint: Path, path: Path, splits: dict) -> dict:
     # The broken kind: the same weights, ranges recalibrated on val (BN, weights untouched).
     recalibrated = calibrate(load_qat_model(checkpoint)[0], inputs(splits["val"]))
     broken = recalibrated if wide else convert(recalibrated)
-    return {"reference": "fake-quant" if wide else "integer torch", "output_step": step,
-            "good": {s: distance(reference, path, inputs(x), step) for s, x in splits.items()},
-            "ranges_recalibrated_on_val": {s: distance(broken, path, inputs(x), step) for s, x in splits.items()}}
+    return {
+        "reference": "fake-quant" if wide else "integer torch",
+        "output_step": step,
+        "good": {s: distance(reference, path, inputs(x), step) for s, x in splits.items()},
+        "ranges_recalibrated_on_val": {s: distance(broken, path, inputs(x), step) for s, x in splits.items()},
+    }
 
 
 def main() -> None:
@@ -72,9 +87,14 @@ def main() -> None:
     for name, (checkpoint, path) in quantized_files(args.repo).items():
         files[name] = measure_file(checkpoint, path, splits)
         print(name, json.dumps(files[name]), flush=True)
-    report = {"command": "python -m tools.studies.export_gates " + " ".join(sys.argv[1:]),
-              "commit": code_commit(REPO), "machine": machine_info(), "data_root": params.data.root,
-              "gates": as_dict(params.export.quantized), "files": files}
+    report = {
+        "command": "python -m tools.studies.export_gates " + " ".join(sys.argv[1:]),
+        "commit": code_commit(REPO),
+        "machine": machine_info(),
+        "data_root": params.data.root,
+        "gates": as_dict(params.export.quantized),
+        "files": files,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(markdown(report))
@@ -82,18 +102,25 @@ def main() -> None:
 
 def markdown(report: dict) -> str:
     m, g = report["machine"], report["gates"]
-    lines = ["# Export gates: good and broken files against their reference", "",
-             f"Command: `{report['command']}` at commit `{report['commit']}`, on {m['cpu']} "
-             f"({m['cores']} cores; {', '.join(m['simd'])}), data `{report['data_root']}`.", "",
-             f"Gates: max |logit| difference <= {g['max_logit_steps']} output steps, top-1 agreement >= "
-             f"{g['min_agreement']} (on val). Broken: the same weights with the ranges recalibrated on val.", "",
-             "| file | reference | file vs | split | images | max steps | agreement |",
-             "|---|---|---|---|---:|---:|---:|"]
+    lines = [
+        "# Export gates: good and broken files against their reference",
+        "",
+        f"Command: `{report['command']}` at commit `{report['commit']}`, on {m['cpu']} "
+        f"({m['cores']} cores; {', '.join(m['simd'])}), data `{report['data_root']}`.",
+        "",
+        f"Gates: max |logit| difference <= {g['max_logit_steps']} output steps, top-1 agreement >= "
+        f"{g['min_agreement']} (on val). Broken: the same weights with the ranges recalibrated on val.",
+        "",
+        "| file | reference | file vs | split | images | max steps | agreement |",
+        "|---|---|---|---|---:|---:|---:|",
+    ]
     for name, f in report["files"].items():
         for kind, label in (("good", "reference"), ("ranges_recalibrated_on_val", "broken")):
             for split, d in f[kind].items():
-                lines.append(f"| {name} | {f['reference']} | {label} | {split} | {d['images']} | "
-                             f"{d['max_steps']:.1f} | {d['agreement']:.4f} |")
+                lines.append(
+                    f"| {name} | {f['reference']} | {label} | {split} | {d['images']} | "
+                    f"{d['max_steps']:.1f} | {d['agreement']:.4f} |"
+                )
     return "\n".join(lines) + "\n"
 
 

@@ -41,24 +41,35 @@ def main() -> None:
     args = parser.parse_args()
     scan = scan_tree(args.root)
     max_pixels = load_params().data.max_image_pixels  # run from the repository root
-    rows = [(label, *grain_shape(load_rgb(path, max_pixels), args.threshold))
-            for path, label in scan.files]
+    rows = [(label, *grain_shape(load_rgb(path, max_pixels), args.threshold)) for path, label in scan.files]
     frame = pd.DataFrame(rows, columns=["variety", "area", "elongation"])
-    table = frame.groupby("variety").agg(images=("area", "size"), area_mean=("area", "mean"),
-                                         area_std=("area", "std"), elongation_mean=("elongation", "mean"),
-                                         elongation_std=("elongation", "std"))
+    table = frame.groupby("variety").agg(
+        images=("area", "size"),
+        area_mean=("area", "mean"),
+        area_std=("area", "std"),
+        elongation_mean=("elongation", "mean"),
+        elongation_std=("elongation", "std"),
+    )
     table["area_spread"] = table.area_std / table.area_mean
     command = f"python -m tools.studies.grain_size --root {args.root} --threshold {args.threshold} --out {args.out}"
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"command": command, "varieties": table.round(4).reset_index()
-                                    .to_dict(orient="records")}, indent=1) + "\n")
-    lines = ["# Grain size and shape per variety", "", f"Made by `{command}`. Grain = pixels whose mean "
-             f"RGB level exceeds {args.threshold} (black background).", "",
-             "| variety | images | grain area % of frame | spread (std / mean) | elongation (length / width) |",
-             "|---|---:|---:|---:|---:|"]
+    args.out.write_text(
+        json.dumps({"command": command, "varieties": table.round(4).reset_index().to_dict(orient="records")}, indent=1)
+        + "\n"
+    )
+    lines = [
+        "# Grain size and shape per variety",
+        "",
+        f"Made by `{command}`. Grain = pixels whose mean RGB level exceeds {args.threshold} (black background).",
+        "",
+        "| variety | images | grain area % of frame | spread (std / mean) | elongation (length / width) |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for variety, r in table.iterrows():
-        lines.append(f"| {variety} | {int(r.images)} | {100 * r.area_mean:.2f} +- {100 * r.area_std:.2f} | "
-                     f"{fmt.percent(r.area_spread, 1)} | {r.elongation_mean:.2f} +- {r.elongation_std:.2f} |")
+        lines.append(
+            f"| {variety} | {int(r.images)} | {100 * r.area_mean:.2f} +- {100 * r.area_std:.2f} | "
+            f"{fmt.percent(r.area_spread, 1)} | {r.elongation_mean:.2f} +- {r.elongation_std:.2f} |"
+        )
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

@@ -20,15 +20,19 @@ import torch
 from torch import nn
 from torchvision.ops.misc import Conv2dNormActivation
 
-from edgekd.deploy.export import ModelMeta
+from edgekd.deploy.metadata import ModelMeta
 from edgekd.deploy.sessions import make_runner
 from edgekd.eval.latency import measure_latency
 from tools.studies.int8_variants import export_fp32_int8
 
 # (channels, spatial size): the shapes a 64 px MobileNetV3-Small passes through at width 0.25-0.5
 SHAPES = ((16, 32), (32, 16), (64, 8), (128, 4))
-KINDS = {"depthwise 3x3": lambda c: c, "grouped 3x3 (8 ch/group)": lambda c: c // 8,
-         "dense 3x3": lambda c: 1, "pointwise 1x1": None}
+KINDS = {
+    "depthwise 3x3": lambda c: c,
+    "grouped 3x3 (8 ch/group)": lambda c: c // 8,
+    "dense 3x3": lambda c: 1,
+    "pointwise 1x1": None,
+}
 
 
 def stack(channels: int, kind: str, depth: int) -> nn.Module:
@@ -62,8 +66,16 @@ def main() -> None:
                 one = p50_ms(stack(channels, kind, 1), size, Path(tmp), args.warmup, args.runs)
                 nine = p50_ms(stack(channels, kind, 9), size, Path(tmp), args.warmup, args.runs)
                 fp32_us, int8_us = ((b - a) / 8 * 1000 for a, b in zip(one, nine))
-                rows.append({"kind": kind, "channels": channels, "size": size, "fp32_us": round(fp32_us, 2),
-                             "int8_us": round(int8_us, 2), "int8_over_fp32": round(int8_us / fp32_us, 2)})
+                rows.append(
+                    {
+                        "kind": kind,
+                        "channels": channels,
+                        "size": size,
+                        "fp32_us": round(fp32_us, 2),
+                        "int8_us": round(int8_us, 2),
+                        "int8_over_fp32": round(int8_us / fp32_us, 2),
+                    }
+                )
                 print(json.dumps(rows[-1]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
@@ -71,15 +83,23 @@ def main() -> None:
 
 
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
-    lines = ["# Per-layer cost of conv kinds in onnxruntime, FP32 vs INT8", "",
-             f"Made by `python -m tools.studies.int8_layers --out {args.out}` on {platform.machine()}, "
-             f"onnxruntime {ort.__version__}, 1 thread, ORT_ENABLE_ALL, batch 1, p50 of {args.runs} runs "
-             "(best of 3). Per layer = (stack of 9 - stack of 1) / 8, so the input quantize, the "
-             "adapter conv and the output dequantize cancel out. INT8: the pipeline's export (U8 "
-             "activations, S8 per-channel weights, QDQ, every conv a QLinearConv).", "",
-             "| kind | channels | px | FP32 us/layer | INT8 us/layer | INT8 / FP32 |", "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['kind']} | {r['channels']} | {r['size']} | {r['fp32_us']:.2f} | {r['int8_us']:.2f} | "
-              f"{r['int8_over_fp32']:.2f} |" for r in rows]
+    lines = [
+        "# Per-layer cost of conv kinds in onnxruntime, FP32 vs INT8",
+        "",
+        f"Made by `python -m tools.studies.int8_layers --out {args.out}` on {platform.machine()}, "
+        f"onnxruntime {ort.__version__}, 1 thread, ORT_ENABLE_ALL, batch 1, p50 of {args.runs} runs "
+        "(best of 3). Per layer = (stack of 9 - stack of 1) / 8, so the input quantize, the "
+        "adapter conv and the output dequantize cancel out. INT8: the pipeline's export (U8 "
+        "activations, S8 per-channel weights, QDQ, every conv a QLinearConv).",
+        "",
+        "| kind | channels | px | FP32 us/layer | INT8 us/layer | INT8 / FP32 |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['kind']} | {r['channels']} | {r['size']} | {r['fp32_us']:.2f} | {r['int8_us']:.2f} | "
+        f"{r['int8_over_fp32']:.2f} |"
+        for r in rows
+    ]
     return "\n".join(lines) + "\n"
 
 

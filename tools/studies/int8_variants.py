@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 from edgekd.config import STUDENT_ARCHS
-from edgekd.deploy.export import ModelMeta, conv_kernels, export_onnx
+from edgekd.deploy.export import export_onnx
+from edgekd.deploy.gates import conv_kernels
+from edgekd.deploy.metadata import ModelMeta
 from edgekd.deploy.sessions import make_runner
 from edgekd.eval.latency import measure_latency
 from edgekd.train.models import build_model
@@ -35,19 +37,25 @@ def export_fp32_int8(model: nn.Module, meta: ModelMeta, tmp: Path) -> tuple[Path
         for _ in range(4):  # calibrate ranges: (16, 3, H, W) noise
             qat(torch.randn(16, 3, size, size))
     stem = f"{meta.arch}_{size}"
-    return (export_onnx(model, tmp / f"{stem}_fp32.onnx", meta, opset=17),
-            export_onnx(convert(qat), tmp / f"{stem}_int8.onnx", meta, opset=17))
+    return (
+        export_onnx(model, tmp / f"{stem}_fp32.onnx", meta, opset=17),
+        export_onnx(convert(qat), tmp / f"{stem}_int8.onnx", meta, opset=17),
+    )
 
 
 def variant_row(arch: str, width: float, size: int, tmp: Path, warmup: int, runs: int) -> dict:
     torch.manual_seed(0)
-    meta = ModelMeta(classes=list("abcde"), image_size=size, mean=[0.5] * 3, std=[0.25] * 3, arch=arch,
-                     width=width)
+    meta = ModelMeta(classes=list("abcde"), image_size=size, mean=[0.5] * 3, std=[0.25] * 3, arch=arch, width=width)
     fp32, int8 = export_fp32_int8(build_model(arch, 5, width), meta, tmp)
     x = np.random.default_rng(0).standard_normal((1, 3, size, size), dtype=np.float32)
-    row = {"arch": arch, "width": width, "image_size": size,
-           "fp32_bytes": fp32.stat().st_size, "int8_bytes": int8.stat().st_size,
-           "int8_convs": conv_kernels(int8)}
+    row = {
+        "arch": arch,
+        "width": width,
+        "image_size": size,
+        "fp32_bytes": fp32.stat().st_size,
+        "int8_bytes": int8.stat().st_size,
+        "int8_convs": conv_kernels(int8),
+    }
     for runtime in ("onnxruntime", "openvino"):
         for name, path in (("fp32", fp32), ("int8", int8)):
             lat = measure_latency(make_runner(path, runtime, threads=1), x, warmup, runs)
@@ -73,8 +81,7 @@ def main() -> None:
                 rows.append(variant_row(arch, args.width, size, Path(tmp), args.warmup, args.runs))
                 print(json.dumps(rows[-1]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"cpu": platform.processor() or platform.machine(), "rows": rows},
-                                   indent=1) + "\n")
+    args.out.write_text(json.dumps({"cpu": platform.processor() or platform.machine(), "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

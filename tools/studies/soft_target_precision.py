@@ -19,10 +19,12 @@ import tempfile
 from pathlib import Path
 
 from edgekd.config import params_from_dict
+from edgekd.data.batches import load_split
 from edgekd.data.prepare import prepare_dataset
-from edgekd.data.prepared import load_info, load_split
-from edgekd.runtime import run_stage, select_device
+from edgekd.data.prepared import load_info
+from edgekd.runtime import run_stage
 from edgekd.train.checkpoints import load_teachers
+from edgekd.train.device import select_device
 from edgekd.train.losses import prepare_teachers
 from edgekd.train.soft_targets import STORED_DTYPE, combine_teachers, compute_soft_targets, stored
 from tools.machine import code_commit, machine_info
@@ -32,8 +34,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def spread(values: list[float]) -> dict:
-    return {"mean": round(statistics.mean(values), 4),
-            "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0}
+    return {
+        "mean": round(statistics.mean(values), 4),
+        "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+    }
 
 
 def main() -> None:
@@ -54,11 +58,25 @@ def main() -> None:
         prepare_dataset(params.data.root, data, params.data, params.seed)
         info, (images, labels) = load_info(data), load_split(data, "train")
         val_images = len(load_split(data, "val")[1])
-        teachers = prepare_teachers([m.to(device) for m in load_teachers(args.teachers, params.teachers.archs, info)[0]])
-        exact = compute_soft_targets(teachers, images, labels, params.kd.views, params.seed, params.train.augment,
-                                     info.mean, info.std, params.train.eval_batch_size, device)
-        per_precision = {"float32": exact["teacher_logits"], str(STORED_DTYPE).split(".")[-1]:
-                         stored(exact)["teacher_logits"].float()}
+        teachers = prepare_teachers(
+            [m.to(device) for m in load_teachers(args.teachers, params.teachers.archs, info)[0]]
+        )
+        exact = compute_soft_targets(
+            teachers,
+            images,
+            labels,
+            params.kd.views,
+            params.seed,
+            params.train.augment,
+            info.mean,
+            info.std,
+            params.train.eval_batch_size,
+            device,
+        )
+        per_precision = {
+            "float32": exact["teacher_logits"],
+            str(STORED_DTYPE).split(".")[-1]: stored(exact)["teacher_logits"].float(),
+        }
         for seed in args.seeds:
             row = {"seed": seed}
             for precision, logits in per_precision.items():
@@ -67,11 +85,18 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     names = list(per_precision)
-    report = {"command": "python -m tools.studies.soft_target_precision " + " ".join(sys.argv[1:]),
-              "commit": code_commit(REPO), "machine": machine_info(), "views": params.kd.views,
-              "val_images": val_images, "rows": rows,
-              "summary": {**{n: spread([r[n] for r in rows]) for n in names},
-                          "difference": spread([r[names[1]] - r[names[0]] for r in rows])}}
+    report = {
+        "command": "python -m tools.studies.soft_target_precision " + " ".join(sys.argv[1:]),
+        "commit": code_commit(REPO),
+        "machine": machine_info(),
+        "views": params.kd.views,
+        "val_images": val_images,
+        "rows": rows,
+        "summary": {
+            **{n: spread([r[n] for r in rows]) for n in names},
+            "difference": spread([r[names[1]] - r[names[0]] for r in rows]),
+        },
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(markdown(report, names))
@@ -79,17 +104,27 @@ def main() -> None:
 
 def markdown(report: dict, names: list[str]) -> str:
     m, s = report["machine"], report["summary"]
-    lines = ["# Soft targets: float32 against float16 storage", "",
-             f"Command: `{report['command']}` at commit `{report['commit']}`, on {m['cpu']} ({m['cores']} cores).", "",
-             f"The distill recipe trained on the same teachers' logits ({report['views']} views), kept in float32 and "
-             f"rounded to float16 as the soft_targets stage stores them; val accuracy on {report['val_images']} "
-             "images per student seed.", "",
-             "| seed | " + " | ".join(names) + " | difference |", "|---:|" + "---:|" * (len(names) + 1)]
+    lines = [
+        "# Soft targets: float32 against float16 storage",
+        "",
+        f"Command: `{report['command']}` at commit `{report['commit']}`, on {m['cpu']} ({m['cores']} cores).",
+        "",
+        f"The distill recipe trained on the same teachers' logits ({report['views']} views), kept in float32 and "
+        f"rounded to float16 as the soft_targets stage stores them; val accuracy on {report['val_images']} "
+        "images per student seed.",
+        "",
+        "| seed | " + " | ".join(names) + " | difference |",
+        "|---:|" + "---:|" * (len(names) + 1),
+    ]
     for r in report["rows"]:
-        lines.append(f"| {r['seed']} | " + " | ".join(f"{r[n]:.4f}" for n in names)
-                     + f" | {r[names[1]] - r[names[0]]:+.4f} |")
-    lines.append("| mean ± std | " + " | ".join(f"{s[n]['mean']:.4f} ± {s[n]['std']:.4f}" for n in names)
-                 + f" | {s['difference']['mean']:+.4f} ± {s['difference']['std']:.4f} |")
+        lines.append(
+            f"| {r['seed']} | " + " | ".join(f"{r[n]:.4f}" for n in names) + f" | {r[names[1]] - r[names[0]]:+.4f} |"
+        )
+    lines.append(
+        "| mean ± std | "
+        + " | ".join(f"{s[n]['mean']:.4f} ± {s[n]['std']:.4f}" for n in names)
+        + f" | {s['difference']['mean']:+.4f} ± {s['difference']['std']:.4f} |"
+    )
     return "\n".join(lines) + "\n"
 
 

@@ -28,10 +28,12 @@ import yaml
 from torch import Tensor, nn
 
 from edgekd.config import Params, as_dict, params_from_dict
+from edgekd.data.batches import load_split
 from edgekd.data.prepare import prepare_dataset
-from edgekd.data.prepared import load_info, load_split
-from edgekd.runtime import seed_everything, select_device
-from edgekd.train.engine import predict_logits, setup_from_params, train_model
+from edgekd.data.prepared import load_info
+from edgekd.train.device import seed_everything, select_device
+from edgekd.train.engine import setup_from_params, train_model
+from edgekd.train.evaluation import predict_logits
 from edgekd.train.models import build_model
 from edgekd.train.soft_targets import load_soft_targets, student_objective
 from tools import formatting as fmt
@@ -68,8 +70,14 @@ def read_targets(raw: dict, data: Path, soft_targets: Path | None) -> dict | Non
     if soft_targets is None:
         return None
     params = params_from_dict(raw)
-    return load_soft_targets(soft_targets, load_split(data, "train"), params.seed, params.train.augment,
-                             len(load_info(data).classes), params.kd.ensemble)
+    return load_soft_targets(
+        soft_targets,
+        load_split(data, "train"),
+        params.seed,
+        params.train.augment,
+        len(load_info(data).classes),
+        params.kd.ensemble,
+    )
 
 
 def run_seed(raw: dict, seed: int, data: Path, device: torch.device, targets: dict | None = None) -> dict:
@@ -84,12 +92,18 @@ def run_seed(raw: dict, seed: int, data: Path, device: torch.device, targets: di
     start = time.perf_counter()
     result = train_model(model, loss_fn, cfg.lr, params.train.weight_decay, train, val, setup, batches=batches)
     model.eval()
-    tta = predict_logits(dihedral_mean(model), val[0], info.mean, info.std, setup.eval_batch_size, device,
-                         cfg.image_size)
-    return {"seed": seed, "best_epoch": result.best_epoch + 1, "val_acc": round(result.best_val_acc, 4),
-            "last_epoch_val_acc": round(result.history[-1]["val_acc"], 4),
-            "tta8_val_acc": round((tta.argmax(1) == val[1]).float().mean().item(), 4),
-            "val_images": len(val[1]), "train_s": round(time.perf_counter() - start)}
+    tta = predict_logits(
+        dihedral_mean(model), val[0], info.mean, info.std, setup.eval_batch_size, device, cfg.image_size
+    )
+    return {
+        "seed": seed,
+        "best_epoch": result.best_epoch + 1,
+        "val_acc": round(result.best_val_acc, 4),
+        "last_epoch_val_acc": round(result.history[-1]["val_acc"], 4),
+        "tta8_val_acc": round((tta.argmax(1) == val[1]).float().mean().item(), 4),
+        "val_images": len(val[1]),
+        "train_s": round(time.perf_counter() - start),
+    }
 
 
 def main() -> None:
@@ -97,8 +111,12 @@ def main() -> None:
     parser.add_argument("--root", type=Path, required=True, help="ImageFolder tree (data.root)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2, 3, 4])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--config", type=Path, default=Path("tools/benchmark/rice.yaml"),
-                        help="benchmark config whose `overrides` apply on top of --params")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=Path("tools/benchmark/rice.yaml"),
+        help="benchmark config whose `overrides` apply on top of --params",
+    )
     parser.add_argument("--soft-targets", type=Path, help="train the distill recipe on these teacher logits")
     parser.add_argument("--alpha", type=float, help="kd.alpha for --soft-targets (default: params)")
     parser.add_argument("--out", type=Path, default=Path("reports/student_seeds.json"))
@@ -115,40 +133,67 @@ def main() -> None:
         for seed in args.seeds:
             rows.append(run_seed(raw, seed, Path(tmp), device, targets))
             print(json.dumps(rows[-1]), flush=True)
-    summary = {key: {"mean": round(statistics.mean(r[key] for r in rows), 4),
-                     "min": min(r[key] for r in rows), "max": max(r[key] for r in rows)}
-               for key in ("val_acc", "last_epoch_val_acc", "tta8_val_acc")}
-    report = {"command": command(args), "machine": machine_info(), "student": as_dict(params.student),
-              "recipe": recipe(params, args.soft_targets is not None), "rows": rows, "summary": summary}
+    summary = {
+        key: {
+            "mean": round(statistics.mean(r[key] for r in rows), 4),
+            "min": min(r[key] for r in rows),
+            "max": max(r[key] for r in rows),
+        }
+        for key in ("val_acc", "last_epoch_val_acc", "tta8_val_acc")
+    }
+    report = {
+        "command": command(args),
+        "machine": machine_info(),
+        "student": as_dict(params.student),
+        "recipe": recipe(params, args.soft_targets is not None),
+        "rows": rows,
+        "summary": summary,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(markdown(report))
 
 
 def command(args: argparse.Namespace) -> str:
-    kd = "" if args.soft_targets is None else f" --soft-targets {args.soft_targets}" + (
-        "" if args.alpha is None else f" --alpha {args.alpha}")
-    return (f"python -m tools.studies.student_seeds --root {args.root} --seeds {' '.join(map(str, args.seeds))} "
-            f"--params {args.params} --config {args.config}{kd} --out {args.out}")
+    kd = (
+        ""
+        if args.soft_targets is None
+        else f" --soft-targets {args.soft_targets}" + ("" if args.alpha is None else f" --alpha {args.alpha}")
+    )
+    return (
+        f"python -m tools.studies.student_seeds --root {args.root} --seeds {' '.join(map(str, args.seeds))} "
+        f"--params {args.params} --config {args.config}{kd} --out {args.out}"
+    )
 
 
 def markdown(report: dict) -> str:
     s, m = report["student"], report["machine"]
-    lines = ["# Seed-to-seed spread of the student's val accuracy", "",
-             f"Made by `{report['command']}` on {m['cpu']}, {m['cores']} cores, torch {m['versions']['torch']}. "
-             f"Student: {s['arch']} w{s['width']}, {s['epochs']} epochs, lr {s['lr']}, {report['recipe']} "
-             f"(the `{'baseline' if report['recipe'] == 'CE' else 'distill'}` stage's recipe); the data split "
-             "is the same in every run, only the seed of initialisation, shuffling and (CE) augmentation "
-             "changes. Val split only.", "",
-             "| seed | selected epoch | val acc | last-epoch val acc | selected model, 8-view TTA val acc | train s |",
-             "|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "# Seed-to-seed spread of the student's val accuracy",
+        "",
+        f"Made by `{report['command']}` on {m['cpu']}, {m['cores']} cores, torch {m['versions']['torch']}. "
+        f"Student: {s['arch']} w{s['width']}, {s['epochs']} epochs, lr {s['lr']}, {report['recipe']} "
+        f"(the `{'baseline' if report['recipe'] == 'CE' else 'distill'}` stage's recipe); the data split "
+        "is the same in every run, only the seed of initialisation, shuffling and (CE) augmentation "
+        "changes. Val split only.",
+        "",
+        "| seed | selected epoch | val acc | last-epoch val acc | selected model, 8-view TTA val acc | train s |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in report["rows"]:
-        lines.append(f"| {r['seed']} | {r['best_epoch']} | {fmt.percent(r['val_acc'])} | "
-                     f"{fmt.percent(r['last_epoch_val_acc'])} | {fmt.percent(r['tta8_val_acc'])} | {r['train_s']} |")
-    for key, label in (("val_acc", "val acc"), ("last_epoch_val_acc", "last-epoch val acc"),
-                       ("tta8_val_acc", "8-view TTA val acc")):
+        lines.append(
+            f"| {r['seed']} | {r['best_epoch']} | {fmt.percent(r['val_acc'])} | "
+            f"{fmt.percent(r['last_epoch_val_acc'])} | {fmt.percent(r['tta8_val_acc'])} | {r['train_s']} |"
+        )
+    for key, label in (
+        ("val_acc", "val acc"),
+        ("last_epoch_val_acc", "last-epoch val acc"),
+        ("tta8_val_acc", "8-view TTA val acc"),
+    ):
         v = report["summary"][key]
-        lines.append(f"\n{label}: mean {fmt.percent(v['mean'])}, range {fmt.percent(v['min'])} - {fmt.percent(v['max'])}")
+        lines.append(
+            f"\n{label}: mean {fmt.percent(v['mean'])}, range {fmt.percent(v['min'])} - {fmt.percent(v['max'])}"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -102,6 +103,14 @@ def resize_square(img: np.ndarray, size: int) -> np.ndarray:
         return np.ascontiguousarray(img)
     resized = Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(resized, dtype=np.uint8).copy()
+
+
+def normalize_array(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 (B, 3, H, W) -> float32 (x / 255 - mean) / std: in numpy the same operations, in the same
+    float32 order, as the torch path (edgekd.data.batches.normalize), for code that runs without torch."""
+    mean_a = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
+    std_a = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
+    return (images.astype(np.float32) / np.float32(255.0) - mean_a) / std_a
 
 
 def load_image(path: str | Path, size: int, max_pixels: int) -> np.ndarray:

@@ -1,10 +1,9 @@
-"""The prepared-data format every training, export and evaluation stage reads, and the one way a
-stage turns it into model input.
+"""The prepared-data format every training, export and evaluation stage reads (numpy only: the
+evaluation of ONNX files never imports torch; edgekd.data.batches turns it into torch model input).
 
 `prepared/{train,val,test}.csv` (path, class, group), `prepared/{split}_images.npy` (uint8
 (N, 3, H, W) RGB), `prepared/{split}_labels.npy` (int64 (N,)), `prepared/info.json` (classes,
-image_size, mean, std). Stages read it through `load_split` / `load_info` and feed models
-`normalize(resize_batch(x))` (`ModelInputs`), a batch at a time.
+image_size, mean, std). Stages read it through `read_split` / `load_info`.
 
 A prepared folder is whole or absent, never half-written: it is built in a hidden sibling folder
 (`building`), `info.json` written last, and renamed into place only when complete. `info.json` is
@@ -23,14 +22,10 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
-import torch
-from torch import Tensor
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
 
 from edgekd.errors import DataError
 
@@ -68,9 +63,9 @@ def load_info(prepared_dir: str | Path) -> DatasetInfo:
         raise DataError(f"{path}: malformed prepared-data info ({err})") from None
 
 
-def load_split(prepared_dir: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+def read_split(prepared_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 (N, 3, H, W), memory-mapped; labels int64 (N,)) of one split of a complete
-    prepared folder (one with info.json). Copy-on-write mapping: the tensor is writable as torch
+    prepared folder (one with info.json). Copy-on-write mapping: the array is writable as torch
     expects, and the file is never changed. No pickle is ever loaded."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -88,7 +83,7 @@ def load_split(prepared_dir: str | Path, split: str) -> tuple[torch.Tensor, torc
         raise DataError(f"{images_path}: expected uint8 (N, 3, {size}, {size}) images (info.json "
                         f"image_size) and N labels, got {images.dtype} {images.shape} and "
                         f"{labels.shape[0] if labels.ndim else 0} labels")
-    return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
+    return images, labels.astype(np.int64)
 
 
 PREPARED_FILES = frozenset({"info.json", *(f"{s}{part}" for s in SPLITS
@@ -201,42 +196,3 @@ def channel_stats(images: np.ndarray, rows: np.ndarray | None = None) -> tuple[l
         mean.append(round(m, 6))
         std.append(round(max(var, 1e-12) ** 0.5, 6))
     return mean, std
-
-
-def resize_batch(images: Tensor, size: int | None) -> Tensor:
-    """uint8 (B, 3, H, W) -> (B, 3, size, size), antialiased bilinear; as is when size is None or H."""
-    if size is None or tuple(images.shape[-2:]) == (size, size):
-        return images
-    return TF.resize(images, [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
-
-
-def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """uint8 (B, 3, H, W) -> float32 (x / 255 - mean) / std, the only input the models ever see."""
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255.0 - mean_t) / std_t
-
-
-@dataclass(frozen=True)
-class ModelInputs:
-    """uint8 images (N, 3, H, W) as a model of input side `size` sees them, moved to `device`,
-    resized and normalised there a slice at a time: whole-split work (calibration, sensitivity,
-    export checks, evaluation, predictions) holds one batch of floats, never the split's. Slicing
-    gives a float tensor; iterating gives batches."""
-
-    images: Tensor
-    size: int | None
-    mean: Sequence[float]
-    std: Sequence[float]
-    batch_size: int = 256
-    device: torch.device = torch.device("cpu")
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, rows: slice) -> Tensor:
-        return normalize(resize_batch(self.images[rows].to(self.device), self.size), self.mean, self.std)
-
-    def __iter__(self) -> Iterator[Tensor]:
-        for start in range(0, len(self), self.batch_size):
-            yield self[start:start + self.batch_size]

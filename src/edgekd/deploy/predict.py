@@ -12,14 +12,14 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
 
-from edgekd.data.images import IMAGE_EXTENSIONS, UnreadableImage, load_image
-from edgekd.deploy.export import read_metadata
+from edgekd.data.images import IMAGE_EXTENSIONS, UnreadableImage, load_image, normalize_array
+from edgekd.deploy.metadata import read_metadata
 from edgekd.deploy.sessions import make_runner
 from edgekd.errors import UserError
 
@@ -33,9 +33,13 @@ def expand(paths: list[str]) -> Iterator[Path]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            yield from sorted(f for f in path.rglob("*") if f.is_file()
-                              and f.suffix.lower() in IMAGE_EXTENSIONS
-                              and not any(part.startswith(".") for part in f.relative_to(path).parts))
+            yield from sorted(
+                f
+                for f in path.rglob("*")
+                if f.is_file()
+                and f.suffix.lower() in IMAGE_EXTENSIONS
+                and not any(part.startswith(".") for part in f.relative_to(path).parts)
+            )
         else:
             yield path  # a missing file becomes an error line for that file
 
@@ -54,8 +58,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    mean = np.asarray(meta.mean, dtype=np.float32).reshape(1, 3, 1, 1)
-    std = np.asarray(meta.std, dtype=np.float32).reshape(1, 3, 1, 1)
     failed = done = 0
     latencies = []
     for path in expand(args.paths):
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             failed += 1
             continue
-        x = (img.transpose(2, 0, 1)[None].astype(np.float32) / 255.0 - mean) / std  # (1, 3, H, W)
+        x = normalize_array(img.transpose(2, 0, 1)[None], meta.mean, meta.std)  # (1, 3, H, W) float32
         start = time.perf_counter()
         logits = run(x)[0].astype(np.float64)  # (C,)
         latency_ms = (time.perf_counter() - start) * 1e3
@@ -76,14 +78,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.bench:
             record["latency_ms"] = round(latency_ms, 4)
             latencies.append(latency_ms)
-        print(json.dumps(record, ensure_ascii=False) if args.json else
-              f"{path}\t{record['class']}\t{record['confidence']:.4f}"
-              + (f"\t{record['latency_ms']:.3f} ms" if args.bench else ""), flush=True)
+        print(
+            json.dumps(record, ensure_ascii=False)
+            if args.json
+            else f"{path}\t{record['class']}\t{record['confidence']:.4f}"
+            + (f"\t{record['latency_ms']:.3f} ms" if args.bench else ""),
+            flush=True,
+        )
         done += 1
     if args.bench and latencies:
         p50, p90 = np.percentile(latencies, [50, 90])
-        print(f"latency: {len(latencies)} images, p50 {p50:.3f} ms, p90 {p90:.3f} ms "
-              "(first calls include warm-up)", file=sys.stderr)
+        print(
+            f"latency: {len(latencies)} images, p50 {p50:.3f} ms, p90 {p90:.3f} ms (first calls include warm-up)",
+            file=sys.stderr,
+        )
     if done + failed == 0:
         print("error: no image files found in the given paths", file=sys.stderr)
         return 2

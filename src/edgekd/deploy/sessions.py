@@ -8,8 +8,8 @@ graph of a ReLU/no-SE MobileNetV3 as fast as FP32.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -21,9 +21,12 @@ RUNTIMES = ("onnxruntime", "openvino")
 Runner = Callable[[np.ndarray], np.ndarray]  # (B, 3, H, W) float32 -> (B, classes) logits
 
 
-def ort_session(path: str | Path, threads: int = 1, optimized_path: str | Path | None = None,
-                level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                ) -> ort.InferenceSession:
+def ort_session(
+    path: str | Path,
+    threads: int = 1,
+    optimized_path: str | Path | None = None,
+    level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+) -> ort.InferenceSession:
     """CPU session; `optimized_path` saves the graph ORT actually runs (to count integer kernels)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = level
@@ -50,9 +53,11 @@ def make_runner(path: str | Path, runtime: str = "onnxruntime", threads: int = 1
 
         core = ov.Core()
         # f32 precision hint: otherwise a bf16-capable CPU may silently run FP32 models in bf16.
-        compiled = core.compile_model(str(path), "CPU", {
-            "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_PRECISION_HINT": "f32"})
+        compiled = core.compile_model(
+            str(path),
+            "CPU",
+            {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"},
+        )
         request = compiled.create_infer_request()
 
         def run(x: np.ndarray) -> np.ndarray:

@@ -48,12 +48,17 @@ def measure_speed(path: str | Path, x: np.ndarray, bench: BenchConfig) -> dict:
     """Batch-1 p50/p90 and batch throughput in onnxruntime, and batch-1 OpenVINO latency for the
     record, on real preprocessed inputs `x` (N, 3, H, W) float32, an array or `ModelInputs` (its first
     `bench.batch`, repeated up to that many)."""
-    x = np.asarray(x[:bench.batch])
+    x = np.asarray(x[: bench.batch])
     run = make_runner(path, "onnxruntime", bench.threads)
     lat = measure_latency(run, x[:1], bench.warmup, bench.runs)
     ov = measure_latency(make_runner(path, "openvino", bench.threads), x[:1], bench.warmup, bench.runs)
     batched = np.resize(x, (bench.batch, *x.shape[1:]))  # (B, 3, H, W)
     throughput = measure_throughput(run, batched, max(1, bench.warmup // 10), max(10, bench.runs // 10))
-    return {"latency_p50_ms": lat.p50_ms, "latency_p90_ms": lat.p90_ms, "latency_runs": lat.runs,
-            "throughput_ips": throughput,
-            "openvino_latency_p50_ms": ov.p50_ms, "openvino_latency_p90_ms": ov.p90_ms}
+    return {
+        "latency_p50_ms": lat.p50_ms,
+        "latency_p90_ms": lat.p90_ms,
+        "latency_runs": lat.runs,
+        "throughput_ips": throughput,
+        "openvino_latency_p50_ms": ov.p50_ms,
+        "openvino_latency_p90_ms": ov.p90_ms,
+    }

@@ -39,12 +39,16 @@ def draw_augmentation(n: int, side: int, generator: torch.Generator, kind: str) 
     of its rows later, a batch at a time, on any device."""
     if kind == "crop_flip":
         pad = round(side * CROP_PAD)
-        return {"offsets": torch.randint(0, 2 * pad + 1, (n, 2), generator=generator),  # (N, [dy, dx])
-                "flips": torch.rand(n, generator=generator) < 0.5}
+        return {
+            "offsets": torch.randint(0, 2 * pad + 1, (n, 2), generator=generator),  # (N, [dy, dx])
+            "flips": torch.rand(n, generator=generator) < 0.5,
+        }
     if kind != "dihedral":
         raise ValueError(f"augmentation {kind!r} is not one of {list(AUGMENTATIONS)}")
-    return {"symmetries": torch.randint(0, 8, (n,), generator=generator),
-            "factors": _uniform(generator, n, 3, 1 - JITTER, 1 + JITTER)}
+    return {
+        "symmetries": torch.randint(0, 8, (n,), generator=generator),
+        "factors": _uniform(generator, n, 3, 1 - JITTER, 1 + JITTER),
+    }
 
 
 def rows_of(table: dict[str, Tensor], rows: Tensor | slice) -> dict[str, Tensor]:
@@ -98,6 +102,7 @@ def _square_symmetry(images: Tensor, symmetries: Tensor) -> Tensor:
 def _colour_jitter(x: Tensor, factors: Tensor) -> Tensor:
     """Brightness, contrast, saturation (factors (B, 3)) on float pixels in [0, 255], as
     torchvision's adjust_* define them: blends with black, the image's mean grey, the pixel's grey."""
+
     def grey(img: Tensor) -> Tensor:
         return (img * _GREY_WEIGHTS.to(img.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
 

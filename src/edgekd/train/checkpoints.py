@@ -13,8 +13,9 @@ import os
 import pickle
 import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -93,8 +94,9 @@ def load_teachers(folder: str | Path, archs: Sequence[str], info: Any) -> tuple[
         path = Path(folder) / f"{arch}.pt"
         model, payload = load_model(path)
         if payload["classes"] != list(info.classes) or payload["image_size"] != info.image_size:
-            raise UserError(f"{path}: trained on other classes or image size than the prepared data; "
-                            f"rerun train_teacher@{arch}")
+            raise UserError(
+                f"{path}: trained on other classes or image size than the prepared data; rerun train_teacher@{arch}"
+            )
         models.append(model)
         payloads.append(payload)
     return models, payloads
@@ -105,8 +107,12 @@ def model_payload(model: nn.Module, spec: dict, info: Any, **extra: Any) -> dict
     come from `info`) + the preprocessing the model expects."""
     return {
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "model": {"arch": spec["arch"], "num_classes": len(info.classes), "width": float(spec["width"]),
-                  "stem": spec["stem"]},
+        "model": {
+            "arch": spec["arch"],
+            "num_classes": len(info.classes),
+            "width": float(spec["width"]),
+            "stem": spec["stem"],
+        },
         "classes": list(info.classes),
         "image_size": int(info.image_size),
         "mean": [float(m) for m in info.mean],

@@ -48,14 +48,26 @@ def relaunch_under_torchrun(cfg: DistributedConfig) -> None:
     """Replace this process by torchrun running the same stage when `cfg` asks for more than one
     process; a no-op for one process and inside torchrun."""
     endpoint = cfg.rdzv_endpoint  # read in every case: the whole section is the stage's params
-    rendezvous = (["--standalone"] if cfg.nnodes == 1 else
-                  ["--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=edgekd"])
+    rendezvous = (
+        ["--standalone"]
+        if cfg.nnodes == 1
+        else ["--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=edgekd"]
+    )
     if cfg.world_size == 1 or "LOCAL_RANK" in os.environ:
         return
     claim_slots_across_exec(cfg.nproc_per_node, torch.cuda.device_count())  # torchrun keeps them (edgekd.parallel)
     module = sys.modules["__main__"].__spec__.name  # e.g. stages.train_teacher
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={cfg.nproc_per_node}",
-           f"--nnodes={cfg.nnodes}", *rendezvous, "-m", module, *sys.argv[1:]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={cfg.nproc_per_node}",
+        f"--nnodes={cfg.nnodes}",
+        *rendezvous,
+        "-m",
+        module,
+        *sys.argv[1:],
+    ]
     log.info("distributed: %d processes per node x %d nodes: %s", cfg.nproc_per_node, cfg.nnodes, " ".join(cmd))
     sys.stdout.flush()
     sys.stderr.flush()

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.experimental.optimization import fuse
 
-from edgekd.train.engine import Batch, LossFn
+from edgekd.train.batching import Batch, LossFn
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, temperature: float,
-            alpha: float, label_smoothing: float = 0.0) -> dict[str, Tensor]:
+def kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor,
+    temperature: float,
+    alpha: float,
+    label_smoothing: float = 0.0,
+) -> dict[str, Tensor]:
     """Hinton et al. 2015, "Distilling the Knowledge in a Neural Network" (arXiv:1503.02531).
 
         loss = alpha * T^2 * KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) * CE(s, y)
@@ -108,7 +114,6 @@ def kd_loss_fn(temperature: float, alpha: float, label_smoothing: float) -> Loss
         if batch.teacher_logits is None:
             raise ValueError("kd_loss_fn needs batches with teacher_logits (soft_targets.view_batches)")
         logits = model(batch.x)
-        return {**kd_loss(logits, batch.teacher_logits, batch.y, temperature, alpha, label_smoothing),
-                "logits": logits}
+        return {**kd_loss(logits, batch.teacher_logits, batch.y, temperature, alpha, label_smoothing), "logits": logits}
 
     return loss_fn

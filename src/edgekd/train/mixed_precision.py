@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import copy
 import csv
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -38,14 +38,17 @@ def logits_of(model: nn.Module, batches: Iterable[Tensor]) -> Tensor:
 
 def kl_from(reference: Tensor, logits: Tensor) -> float:
     """Mean over samples of KL(softmax(reference) || softmax(logits))."""
-    return F.kl_div(F.log_softmax(logits, 1), F.log_softmax(reference, 1), reduction="batchmean",
-                    log_target=True).item()
+    return F.kl_div(
+        F.log_softmax(logits, 1), F.log_softmax(reference, 1), reduction="batchmean", log_target=True
+    ).item()
 
 
-def layer_sensitivity(calibrated: torch.fx.GraphModule, fp32_logits: Tensor, labels: Tensor,
-                      batches: Iterable[Tensor]) -> dict:
+def layer_sensitivity(
+    calibrated: torch.fx.GraphModule, fp32_logits: Tensor, labels: Tensor, batches: Iterable[Tensor]
+) -> dict:
     """Per layer: KL to FP32 and accuracy with its weights at 4 bits, and KL with its output at 16 bits;
     the all-INT8 model's figures as the reference. `batches`: the val inputs, normalised."""
+
     def score(model: nn.Module) -> tuple[float, float]:
         logits = logits_of(model, batches)
         return kl_from(fp32_logits, logits), (logits.argmax(1) == labels).float().mean().item()
@@ -59,13 +62,19 @@ def layer_sensitivity(calibrated: torch.fx.GraphModule, fp32_logits: Tensor, lab
         set_layer_bits(w4, layer, weight_bits=4)
         set_layer_bits(a16, layer, activation_bits=16)
         (w4_kl, w4_acc), (a16_kl, _) = score(w4), score(a16)
-        layers[layer] = {"weights": weights[layer], "weight4_kl": w4_kl, "weight4_acc_drop": ref_acc - w4_acc,
-                         "act16_kl": a16_kl, "act16_kl_gain": ref_kl - a16_kl}
+        layers[layer] = {
+            "weights": weights[layer],
+            "weight4_kl": w4_kl,
+            "weight4_acc_drop": ref_acc - w4_acc,
+            "act16_kl": a16_kl,
+            "act16_kl_gain": ref_kl - a16_kl,
+        }
     return {"fp32_acc": fp32_acc, "int8_acc": ref_acc, "int8_kl": ref_kl, "layers": layers}
 
 
-def allocate_bits(sensitivity: dict[str, float], weights: dict[str, int], avg_weight_bits: float,
-                  keep_8bit: Iterable[str] = ()) -> dict[str, int]:
+def allocate_bits(
+    sensitivity: dict[str, float], weights: dict[str, int], avg_weight_bits: float, keep_8bit: Iterable[str] = ()
+) -> dict[str, int]:
     """Weight bits per layer (4 or 8): the least summed sensitivity of the 4-bit layers such that the
     average over all weights is <= `avg_weight_bits`. Exact (0/1 knapsack on weight counts: the
     layers kept at 8 bits carry the most sensitivity that fits), deterministic (ties keep the earlier
@@ -78,15 +87,16 @@ def allocate_bits(sensitivity: dict[str, float], weights: dict[str, int], avg_we
     # 8 * kept + 4 * (total - kept) <= budget * total  <=>  kept <= (budget - 4) * total / 4
     capacity = int(np.floor((avg_weight_bits - 4) * total / 4 + 1e-9)) - sum(weights[f] for f in fixed)
     if capacity < 0:
-        raise ValueError(f"avg_weight_bits={avg_weight_bits}: the layers kept at 8 bits ({', '.join(fixed)}) "
-                         "alone exceed it")
+        raise ValueError(
+            f"avg_weight_bits={avg_weight_bits}: the layers kept at 8 bits ({', '.join(fixed)}) alone exceed it"
+        )
     best = np.zeros(capacity + 1)  # best[c]: most sensitivity kept at 8 bits within c weights
     took = np.zeros((len(free), capacity + 1), dtype=bool)
     for i, layer in enumerate(free):
         w, value = weights[layer], max(float(sensitivity[layer]), 0.0)
         if w > capacity:
             continue
-        candidate = best[:capacity + 1 - w] + value
+        candidate = best[: capacity + 1 - w] + value
         better = candidate > best[w:]
         took[i, w:] = better
         best[w:] = np.where(better, candidate, best[w:])
@@ -114,14 +124,23 @@ def average_bits(bits: dict[str, int], weights: dict[str, int]) -> float:
 
 
 def read_bits(path: str | Path, column: str = "weight_bits") -> dict[str, int]:
-    """A CSV of the `allocate_bits` stage (layer, ..., weight_bits or activation_bits) as {layer: bits}."""
+    """A bits-per-layer CSV (layer, ..., weight_bits or activation_bits) as {layer: bits}: one of the
+    `allocate_bits` stage, or a fixed plan whose one row `*` names every layer (studies/a16_bits.csv)."""
     allowed = {"weight_bits": WEIGHT_RANGES, "activation_bits": ACTIVATION_RANGES}[column]
     try:
         with open(path, newline="") as f:
             bits = {row["layer"]: int(row[column]) for row in csv.DictReader(f)}
     except (OSError, KeyError, ValueError) as err:
-        raise UserError(f"{path}: not a bit allocation with column {column} ({err}); "
-                        "rerun the allocate_bits stage") from None
+        raise UserError(
+            f"{path}: not a bit allocation with column {column} ({err}); rerun the allocate_bits stage"
+        ) from None
     if not bits or not set(bits.values()) <= set(allowed):
         raise UserError(f"{path}: {column} must be in {sorted(allowed)}")
+    if "*" in bits and len(bits) > 1:
+        raise UserError(f"{path}: a row `*` (every layer) must be the only row")
     return bits
+
+
+def per_layer(bits: dict[str, int], model: torch.fx.GraphModule) -> dict[str, int]:
+    """`read_bits`' result for this model's layers: a `*` plan spelled out, layer by layer."""
+    return {layer: bits["*"] for layer in quantized_layers(model)} if "*" in bits else bits

@@ -23,8 +23,9 @@ from edgekd.errors import UserError
 _TEACHER_HEADS = {"resnet18": "fc.", "mobilenet_v2": "classifier.", "densenet121": "classifier."}
 
 
-def build_model(arch: str, num_classes: int, width: float = 1.0,
-                weights: str | Path | None = None, stem: str = "imagenet") -> nn.Module:
+def build_model(
+    arch: str, num_classes: int, width: float = 1.0, weights: str | Path | None = None, stem: str = "imagenet"
+) -> nn.Module:
     """A freshly initialised network with a `num_classes` head.
 
     `width` scales the MobileNets' channels (their width multiplier); resnet18 and densenet121 have
@@ -84,8 +85,9 @@ def small_input_stem(model: nn.Module, arch: str) -> None:
         nn.init.kaiming_normal_(conv0.weight)  # as torchvision's
         model.features.conv0, model.features.pool0 = conv0, nn.Identity()
     elif arch == "mobilenet_v3_small_fused":
-        model.features[0] = Conv2dNormActivation(3, model.features[0][0].out_channels, 2, stride=2, padding=0,
-                                                 activation_layer=nn.ReLU)
+        model.features[0] = Conv2dNormActivation(
+            3, model.features[0][0].out_channels, 2, stride=2, padding=0, activation_layer=nn.ReLU
+        )
     else:  # the MobileNets: the first conv keeps its 3x3 kernel and weights, loses its stride
         model.features[0][0].stride = (1, 1)
 
@@ -126,10 +128,19 @@ class _FusedBlock(nn.Module):
         super().__init__()
         groups = math.gcd(cnf.input_channels, cnf.expanded_channels) // FUSED_GROUP_CHANNELS or 1
         self.block = nn.Sequential(
-            Conv2dNormActivation(cnf.input_channels, cnf.expanded_channels, 3, stride=cnf.stride,
-                                 groups=groups, norm_layer=norm_layer, activation_layer=nn.ReLU),
-            Conv2dNormActivation(cnf.expanded_channels, cnf.out_channels, 1, norm_layer=norm_layer,
-                                 activation_layer=None))
+            Conv2dNormActivation(
+                cnf.input_channels,
+                cnf.expanded_channels,
+                3,
+                stride=cnf.stride,
+                groups=groups,
+                norm_layer=norm_layer,
+                activation_layer=nn.ReLU,
+            ),
+            Conv2dNormActivation(
+                cnf.expanded_channels, cnf.out_channels, 1, norm_layer=norm_layer, activation_layer=None
+            ),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block(x)
@@ -145,8 +156,9 @@ def _fused_mobilenet_v3_small(num_classes: int, width: float) -> nn.Module:
     setting, last_channel = _mobilenet_v3_conf("mobilenet_v3_small", width_mult=width)
     setting[0].stride = 1  # the patchify stem downsamples 4x at once
     model = MobileNetV3(setting, last_channel, num_classes=num_classes, block=_FusedBlock)
-    model.features[0] = Conv2dNormActivation(3, setting[0].input_channels, 4, stride=4, padding=0,
-                                             activation_layer=nn.ReLU)
+    model.features[0] = Conv2dNormActivation(
+        3, setting[0].input_channels, 4, stride=4, padding=0, activation_layer=nn.ReLU
+    )
     return _hardswish_to_relu(model)
 
 

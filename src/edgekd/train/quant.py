@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -52,13 +52,24 @@ from edgekd.train.models import model_from_spec
 BACKEND = "fbgemm"
 
 ACTIVATION_FQ = FakeQuantize.with_args(
-    observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255, dtype=torch.quint8,
-    qscheme=torch.per_tensor_affine, reduce_range=False)
+    observer=MovingAverageMinMaxObserver,
+    quant_min=0,
+    quant_max=255,
+    dtype=torch.quint8,
+    qscheme=torch.per_tensor_affine,
+    reduce_range=False,
+)
 # Weight values a uint8 x int8 pair product sum can take without saturating int16 on AVX2 (see above).
 INT8_WEIGHT_RANGE = (-64, 63)
 WEIGHT_FQ = FakeQuantize.with_args(
-    observer=MovingAveragePerChannelMinMaxObserver, quant_min=INT8_WEIGHT_RANGE[0], quant_max=INT8_WEIGHT_RANGE[1],
-    dtype=torch.qint8, qscheme=torch.per_channel_symmetric, reduce_range=False, ch_axis=0)
+    observer=MovingAveragePerChannelMinMaxObserver,
+    quant_min=INT8_WEIGHT_RANGE[0],
+    quant_max=INT8_WEIGHT_RANGE[1],
+    dtype=torch.qint8,
+    qscheme=torch.per_channel_symmetric,
+    reduce_range=False,
+    ch_axis=0,
+)
 
 
 # Per-layer bit widths of mixed precision (edgekd.train.mixed_precision chooses them): 4-bit weights
@@ -70,8 +81,11 @@ ACTIVATION_RANGES = {8: (0, 255), 16: (0, 65535)}  # activation bits -> unsigned
 
 def quantized_layers(model: torch.fx.GraphModule) -> list[str]:
     """Names of the layers with quantized weights (convs, linear), in graph order."""
-    return [n.target for n in model.graph.nodes
-            if n.op == "call_module" and hasattr(model.get_submodule(n.target), "weight_fake_quant")]
+    return [
+        n.target
+        for n in model.graph.nodes
+        if n.op == "call_module" and hasattr(model.get_submodule(n.target), "weight_fake_quant")
+    ]
 
 
 def layer_weights(model: torch.fx.GraphModule) -> dict[str, int]:
@@ -81,8 +95,9 @@ def layer_weights(model: torch.fx.GraphModule) -> dict[str, int]:
 def output_fake_quant(model: torch.fx.GraphModule, layer: str) -> FakeQuantizeBase:
     """The fake-quant module that quantizes `layer`'s output (the next node in the FX graph)."""
     node = next(n for n in model.graph.nodes if n.op == "call_module" and n.target == layer)
-    users = [u for u in node.users
-             if u.op == "call_module" and isinstance(model.get_submodule(u.target), FakeQuantizeBase)]
+    users = [
+        u for u in node.users if u.op == "call_module" and isinstance(model.get_submodule(u.target), FakeQuantizeBase)
+    ]
     if len(users) != 1:
         raise ValueError(f"{layer}: expected one output fake-quant, found {len(users)}")
     return model.get_submodule(users[0].target)
@@ -101,8 +116,9 @@ def set_range(fake_quant: FakeQuantizeBase, quant_min: int, quant_max: int) -> N
     fake_quant.zero_point.resize_(zero_point.shape).copy_(zero_point)
 
 
-def set_layer_bits(model: torch.fx.GraphModule, layer: str, weight_bits: int | None = None,
-                   activation_bits: int | None = None) -> None:
+def set_layer_bits(
+    model: torch.fx.GraphModule, layer: str, weight_bits: int | None = None, activation_bits: int | None = None
+) -> None:
     """Requantize one layer of a calibrated fake-quant model with other bit widths."""
     if weight_bits is not None:
         set_range(model.get_submodule(layer).weight_fake_quant, *WEIGHT_RANGES[weight_bits])
@@ -110,8 +126,9 @@ def set_layer_bits(model: torch.fx.GraphModule, layer: str, weight_bits: int | N
         set_range(output_fake_quant(model, layer), *ACTIVATION_RANGES[activation_bits])
 
 
-def apply_bits(model: torch.fx.GraphModule, weight_bits: dict[str, int],
-               activation_bits: dict[str, int] | None = None) -> torch.fx.GraphModule:
+def apply_bits(
+    model: torch.fx.GraphModule, weight_bits: dict[str, int], activation_bits: dict[str, int] | None = None
+) -> torch.fx.GraphModule:
     """Every layer's weights and outputs at their assigned bits (layers not named keep theirs)."""
     for layer, bits in weight_bits.items():
         set_layer_bits(model, layer, weight_bits=bits)
@@ -217,7 +234,7 @@ def convert_for_export(qat_model: torch.fx.GraphModule) -> tuple[torch.fx.GraphM
     """The integer model to export, and for each layer with 16-bit outputs its (placeholder scale,
     scale, zero point). Those layers convert on an 8-bit grid whose output scale is then set to a
     placeholder that no other tensor of the graph has, so that the export's QuantizeLinear of that
-    layer can be found and given the 16-bit grid (deploy.export.store_int16_activations). The
+    layer can be found and given the 16-bit grid (deploy.onnx_rewrite.store_int16_activations). The
     returned torch model computes those layers on the 8-bit placeholder grid: it is a vehicle for the
     export, not a reference for its answers (the fake-quant model is)."""
     model = copy.deepcopy(qat_model).cpu().eval()
@@ -243,8 +260,11 @@ def convert_for_export(qat_model: torch.fx.GraphModule) -> tuple[torch.fx.GraphM
 def _convert(model: nn.Module) -> torch.fx.GraphModule:
     """convert_fx of a fake-quant model the caller owns (a CPU copy in eval mode), weights clamped."""
     torch.backends.quantized.engine = BACKEND
-    ranges = {name: (m.weight_fake_quant.quant_min, m.weight_fake_quant.quant_max)
-              for name, m in model.named_modules() if hasattr(m, "weight_fake_quant")}
+    ranges = {
+        name: (m.weight_fake_quant.quant_min, m.weight_fake_quant.quant_max)
+        for name, m in model.named_modules()
+        if hasattr(m, "weight_fake_quant")
+    }
     with warnings.catch_warnings():  # "quantized tensor creation is deprecated" per layer
         warnings.simplefilter("ignore")
         integer = convert_fx(model)
@@ -267,8 +287,12 @@ def _clamp_weights(module: nn.Module, low: int, high: int) -> None:
     ints = weight.int_repr()
     if int(ints.min()) >= low and int(ints.max()) <= high:
         return
-    clamped = torch._make_per_channel_quantized_tensor(ints.clamp(low, high), weight.q_per_channel_scales(),
-                                                        weight.q_per_channel_zero_points(), weight.q_per_channel_axis())
+    clamped = torch._make_per_channel_quantized_tensor(
+        ints.clamp(low, high),
+        weight.q_per_channel_scales(),
+        weight.q_per_channel_zero_points(),
+        weight.q_per_channel_axis(),
+    )
     module.set_weight_bias(clamped, module.bias())
 
 
@@ -277,8 +301,10 @@ def _determinism_alerts_off(module: nn.Module, args: tuple) -> None:
     under `use_deterministic_algorithms` for want of a deterministic variant although it computes
     nothing. The alert comes from intra-op worker threads, where no Python warning filter reaches
     it: hundreds of stderr lines per stage. Alerts are off while the integer model runs, only."""
-    module._determinism = (torch.are_deterministic_algorithms_enabled(),
-                           torch.is_deterministic_algorithms_warn_only_enabled())
+    module._determinism = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     torch.use_deterministic_algorithms(False)
 
 
@@ -287,9 +313,13 @@ def _determinism_alerts_back(module: nn.Module, args: tuple, output: object) -> 
     torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
-def rebuild_qat(fp32_model: nn.Module, image_size: int, state_dict: dict,
-                weight_bits: dict[str, int] | None = None,
-                activation_bits: dict[str, int] | None = None) -> torch.fx.GraphModule:
+def rebuild_qat(
+    fp32_model: nn.Module,
+    image_size: int,
+    state_dict: dict,
+    weight_bits: dict[str, int] | None = None,
+    activation_bits: dict[str, int] | None = None,
+) -> torch.fx.GraphModule:
     """Frozen fake-quant model from an architecture and a saved QAT state dict (ranges included);
     `weight_bits`, `activation_bits`: the layers a mixed-precision model quantizes with other than 8 bits."""
     model = apply_bits(prepare_qat(fp32_model, image_size), weight_bits or {}, activation_bits)
@@ -301,8 +331,13 @@ def load_qat_model(path: str | Path) -> tuple[torch.fx.GraphModule, dict]:
     """Fake-quant model from a `qat` checkpoint (weights_only load; the arch kwargs rebuild it)."""
     payload = load_checkpoint(path)
     try:
-        model = rebuild_qat(model_from_spec(payload["model"]), int(payload["image_size"]), payload["state_dict"],
-                            payload.get("weight_bits"), payload.get("activation_bits"))
+        model = rebuild_qat(
+            model_from_spec(payload["model"]),
+            int(payload["image_size"]),
+            payload["state_dict"],
+            payload.get("weight_bits"),
+            payload.get("activation_bits"),
+        )
     except (KeyError, TypeError, RuntimeError) as err:
         raise UserError(f"{path}: not a QAT checkpoint of this project ({type(err).__name__}: {err})") from None
     return model, payload

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -35,8 +35,10 @@ from tqdm import tqdm
 from edgekd.config import Params
 from edgekd.errors import UserError
 from edgekd.train.augment import apply_augmentation, draw_augmentation, rows_of
+from edgekd.train.batching import Batch, BatchSource, LossFn, iterate_batches
 from edgekd.train.checkpoints import load_checkpoint, save_checkpoint
-from edgekd.train.engine import Batch, BatchSource, FitSetup, LossFn, iterate_batches, predict_logits
+from edgekd.train.evaluation import predict_logits
+from edgekd.train.fit_setup import FitSetup
 from edgekd.train.losses import ce_loss_fn, confidence_ensemble, confidence_weights, kd_loss_fn, teacher_logits
 
 RENDER_CHUNK = 256  # images augmented per generator call; part of a view's definition
@@ -48,13 +50,20 @@ def view_parameters(images: Tensor, seed: int, view: int, augment: str) -> dict[
     the same on every call, drawn RENDER_CHUNK images per generator call."""
     generator = torch.Generator().manual_seed(seed * 7_919 + view)  # apart from fit's epoch seeds
     side = images.shape[-1]
-    chunks = [draw_augmentation(min(RENDER_CHUNK, len(images) - start), side, generator, augment)
-              for start in range(0, len(images), RENDER_CHUNK)]
+    chunks = [
+        draw_augmentation(min(RENDER_CHUNK, len(images) - start), side, generator, augment)
+        for start in range(0, len(images), RENDER_CHUNK)
+    ]
     return {name: torch.cat([chunk[name] for chunk in chunks]) for name in chunks[0]}
 
 
-def render_view(images: Tensor, params: dict[str, Tensor], augment: str, batch_size: int = RENDER_CHUNK,
-                device: torch.device = torch.device("cpu")) -> Iterator[Tensor]:
+def render_view(
+    images: Tensor,
+    params: dict[str, Tensor],
+    augment: str,
+    batch_size: int = RENDER_CHUNK,
+    device: torch.device = torch.device("cpu"),
+) -> Iterator[Tensor]:
     """The view's pixels, `batch_size` images at a time in image order, rendered on `device`."""
     for start in range(0, len(images), batch_size):
         rows = slice(start, start + batch_size)
@@ -69,9 +78,18 @@ def view_hash(images: Tensor, params: dict[str, Tensor], augment: str) -> str:
     return h.hexdigest()[:16]
 
 
-def compute_soft_targets(teachers: Sequence[nn.Module], images: Tensor, labels: Tensor, views: int,
-                         seed: int, augment: str, mean: Sequence[float], std: Sequence[float],
-                         batch_size: int, device: torch.device) -> dict:
+def compute_soft_targets(
+    teachers: Sequence[nn.Module],
+    images: Tensor,
+    labels: Tensor,
+    views: int,
+    seed: int,
+    augment: str,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int,
+    device: torch.device,
+) -> dict:
     """Every teacher's float32 logits (V, N, K, C) on every view and the views' pixel hashes
     (`stored` rounds them to what is saved).
 
@@ -82,11 +100,21 @@ def compute_soft_targets(teachers: Sequence[nn.Module], images: Tensor, labels: 
     for view in tqdm(range(views), desc="soft targets", leave=False, disable=not sys.stderr.isatty()):
         params = view_parameters(images, seed, view, augment)
         hashes.append(view_hash(images, params, augment))
-        logits.append(torch.cat([predict_logits(lambda x: teacher_logits(teachers, x), pixels, mean, std,
-                                                batch_size, device)
-                                 for pixels in render_view(images, params, augment, batch_size, device)]))
-    return {"teacher_logits": torch.stack(logits), "view_hashes": hashes, "seed": seed, "augment": augment,
-            "num_images": len(images)}
+        logits.append(
+            torch.cat(
+                [
+                    predict_logits(lambda x: teacher_logits(teachers, x), pixels, mean, std, batch_size, device)
+                    for pixels in render_view(images, params, augment, batch_size, device)
+                ]
+            )
+        )
+    return {
+        "teacher_logits": torch.stack(logits),
+        "view_hashes": hashes,
+        "seed": seed,
+        "augment": augment,
+        "num_images": len(images),
+    }
 
 
 def stored(targets: dict) -> dict:
@@ -102,43 +130,60 @@ def combine_teachers(teacher_logits: Tensor, labels: Tensor, ensemble: str) -> t
     if ensemble == "mean":
         return teacher_logits.mean(dim=2), torch.full((k,), 1 / k)
     flat, flat_labels = teacher_logits.reshape(v * n, k, c), labels.repeat(v)
-    return (confidence_ensemble(flat, flat_labels).view(v, n, c),
-            confidence_weights(flat, flat_labels).mean(dim=0))
+    return (confidence_ensemble(flat, flat_labels).view(v, n, c), confidence_weights(flat, flat_labels).mean(dim=0))
 
 
 def storage_rounding(teacher_logits: Tensor, labels: Tensor, schemes: Sequence[str]) -> dict:
     """What storing float32 teacher logits (V, N, K, C) as STORED_DTYPE costs: the largest absolute
     rounding error of a logit, and per ensemble scheme the share of view images whose top-1 it changes."""
     saved = teacher_logits.to(STORED_DTYPE).float()
-    top1 = {name: (combine_teachers(saved, labels, name)[0].argmax(-1)
-                   != combine_teachers(teacher_logits, labels, name)[0].argmax(-1)).float().mean().item()
-            for name in schemes}
-    return {"stored_logit_max_error": round((saved - teacher_logits).abs().max().item(), 6),
-            "stored_top1_changed": top1}
+    top1 = {
+        name: (
+            combine_teachers(saved, labels, name)[0].argmax(-1)
+            != combine_teachers(teacher_logits, labels, name)[0].argmax(-1)
+        )
+        .float()
+        .mean()
+        .item()
+        for name in schemes
+    }
+    return {
+        "stored_logit_max_error": round((saved - teacher_logits).abs().max().item(), 6),
+        "stored_top1_changed": top1,
+    }
 
 
 def save_soft_targets(path: str | Path, targets: dict) -> None:
     save_checkpoint(path, stored(targets))
 
 
-def load_soft_targets(path: str | Path, train: tuple[Tensor, Tensor], seed: int, augment: str,
-                      num_classes: int, ensemble: str) -> dict:
+def load_soft_targets(
+    path: str | Path, train: tuple[Tensor, Tensor], seed: int, augment: str, num_classes: int, ensemble: str
+) -> dict:
     """The stored teacher logits, checked against the training images, seed and augmentation they
     must belong to, combined under `ensemble` into float32 `logits` (V, N, C)."""
     images, labels = train
     targets = load_checkpoint(path)
     logits = targets.get("teacher_logits")
-    if (not isinstance(logits, Tensor) or logits.dtype != STORED_DTYPE or logits.ndim != 4 or targets.get("num_images") != len(images)
-            or logits.shape[1] != len(images) or logits.shape[3] != num_classes or targets.get("seed") != seed
-            or targets.get("augment") != augment):
-        raise UserError(f"{path}: soft targets were computed for other training data, classes, seed or "
-                        "train.augment, or stored in another format; rerun the soft_targets stage")
+    if (
+        not isinstance(logits, Tensor)
+        or logits.dtype != STORED_DTYPE
+        or logits.ndim != 4
+        or targets.get("num_images") != len(images)
+        or logits.shape[1] != len(images)
+        or logits.shape[3] != num_classes
+        or targets.get("seed") != seed
+        or targets.get("augment") != augment
+    ):
+        raise UserError(
+            f"{path}: soft targets were computed for other training data, classes, seed or "
+            "train.augment, or stored in another format; rerun the soft_targets stage"
+        )
     targets["logits"], targets["teacher_weights"] = combine_teachers(logits.float(), labels, ensemble)
     return targets
 
 
-def view_batches(images: Tensor, labels: Tensor, targets: dict,
-                 setup: FitSetup) -> BatchSource:
+def view_batches(images: Tensor, labels: Tensor, targets: dict, setup: FitSetup) -> BatchSource:
     """`fit`'s batch source for distillation: epoch e trains on view e mod V with its teacher logits,
     each batch rendered from its rows of the view's table. Each view is checked against its hash
     the first time it is used."""
@@ -149,20 +194,26 @@ def view_batches(images: Tensor, labels: Tensor, targets: dict,
         view = epoch % len(hashes)
         params = view_parameters(images, targets["seed"], view, augment)
         if view not in checked and view_hash(images, params, augment) != hashes[view]:
-            raise UserError(f"view {view} renders differently from when its soft targets were computed "
-                            "(augmentation code or library version changed); rerun the soft_targets stage")
+            raise UserError(
+                f"view {view} renders differently from when its soft targets were computed "
+                "(augmentation code or library version changed); rerun the soft_targets stage"
+            )
         checked.add(view)
-        yield from iterate_batches(images, labels, setup, generator, partial(rows_of, params),
-                                   teacher_logits=logits[view])
+        yield from iterate_batches(
+            images, labels, setup, generator, partial(rows_of, params), teacher_logits=logits[view]
+        )
 
     return batches
 
 
-def student_objective(params: Params, train: tuple[Tensor, Tensor], setup: FitSetup,
-                      targets: dict | None) -> tuple[LossFn, BatchSource | None]:
+def student_objective(
+    params: Params, train: tuple[Tensor, Tensor], setup: FitSetup, targets: dict | None
+) -> tuple[LossFn, BatchSource | None]:
     """Loss and batch source of a student run: CE on fresh augmentations when there are no targets
     (`baseline`), CE + KD on the targets' views otherwise (`distill`); None means fit's own batches."""
     if targets is None:
         return ce_loss_fn(params.train.label_smoothing), None
-    return (kd_loss_fn(params.kd.temperature, params.kd.alpha, params.train.label_smoothing),
-            view_batches(*train, targets, setup))
+    return (
+        kd_loss_fn(params.kd.temperature, params.kd.alpha, params.train.label_smoothing),
+        view_batches(*train, targets, setup),
+    )
