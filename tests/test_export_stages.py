@@ -24,13 +24,13 @@ def test_a_failing_variant_leaves_every_other_file_exported_and_measured(tiny_re
     dvc_yaml.write_text(yaml.safe_dump(pipeline, sort_keys=False))
     set_params(tiny_repo, {"export": {"opset": 18}})  # every export reruns
 
-    proc = sh("dvc", "repro", "-P", "--keep-going", cwd=tiny_repo, check=False)
+    proc = sh("dvc", "repro", "--keep-going", cwd=tiny_repo, check=False)  # make repro
 
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output  # the failure is not hidden
     assert "models/student_fp32.pt: not a QAT checkpoint of this project" in output
-    ran = set(re.findall(r"Running stage '(?:studies/dvc.yaml:)?([^']+)'", output))
-    assert {f"export@{name}" for name in ("fp32", "int8", "ptq", "mixed", "a16", "mixed_a16", "broken")} <= ran
+    ran = set(re.findall(r"Running stage '([^']+)'", output))
+    assert {f"export@{name}" for name in ("fp32", "int8", "baseline", "broken")} <= ran
     assert "evaluate@broken" not in ran and not (tiny_repo / "models/broken.onnx").exists()
     assert (tiny_repo / "models/student_int8.onnx").is_file()
     assert read_export_checks(tiny_repo / "models/student_int8.onnx")["parity_int8_torch"]["images"] > 0
