@@ -79,6 +79,15 @@ def tiny_repo_template(rice_tree_factory, tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def tiny_project(rice_tree_factory, tmp_path: Path) -> Path:
+    """This project, copied with tiny params and committed, never reproduced: for a test whose first
+    step runs the whole pipeline anyway (the benchmark), so it need not wait for the template."""
+    from tiny_pipeline import make_tiny_project
+
+    return make_tiny_project(tmp_path / "repo", rice_tree_factory(12, "tiny"))
+
+
+@pytest.fixture
 def tiny_repo(tiny_repo_template: Path, tmp_path: Path) -> Path:
     """A private copy of the reproduced tiny project (git history and DVC cache included)."""
     from tiny_pipeline import clone_tiny_repo

@@ -102,8 +102,6 @@ def test_mobilenet_v2_with_a_small_stem_trains_quantizes_and_passes_the_export_g
             m / checkpoint,
             "--out",
             m / f"{name}.onnx",
-            "--metrics",
-            m / f"export_{name}.json",
             "--params",
             params,
         )

@@ -84,13 +84,19 @@ def copy_project(dest: Path) -> Path:
     return dest
 
 
-def make_tiny_repo(dest: Path, data_root: Path) -> Path:
-    """Project copy with tiny params on `data_root`, committed, fully reproduced, committed again;
-    the run's output and params trace are kept beside it (REPRO_LOG, PARAMS_TRACE)."""
+def make_tiny_project(dest: Path, data_root: Path) -> Path:
+    """Project copy with tiny params on `data_root`, committed, not reproduced."""
     copy_project(dest)
     set_params(dest, deep_update({"data": {"root": str(data_root)}}, TINY_OVERRIDES))
     sh("git", "init", "-q", cwd=dest)
     commit_all(dest, "tiny project")
+    return dest
+
+
+def make_tiny_repo(dest: Path, data_root: Path) -> Path:
+    """`make_tiny_project`, fully reproduced (both pipeline files), committed again; the run's output
+    and params trace are kept beside it (REPRO_LOG, PARAMS_TRACE)."""
+    make_tiny_project(dest, data_root)
     proc = sh("dvc", "repro", "-P", cwd=dest, env={PARAMS_TRACE_ENV: str(dest.parent / PARAMS_TRACE)})
     (dest.parent / REPRO_LOG).write_text(proc.stdout + proc.stderr)
     commit_all(dest, "tiny run")

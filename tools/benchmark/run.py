@@ -24,6 +24,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pandas as pd
 import yaml
 
 from edgekd.config import load_params
@@ -132,8 +133,15 @@ def main() -> None:
 
 
 def read_evaluations(repo: Path) -> dict[str, dict]:
-    """Every `evaluate@<name>` stage's metrics in the workspace, by model name."""
-    return {path.stem: read_json(path) for path in sorted((repo / "metrics" / "evaluate").glob("*.json"))}
+    """Every `evaluate@<name>` stage's figures in the workspace, by model name: its metrics (accuracy,
+    size, p50) and the rest of its trade-off row (macro-F1, p90, throughput, ...)."""
+    return {
+        path.stem: {
+            **read_json(path),
+            **pd.read_csv(repo / "plots" / "tradeoff" / f"{path.stem}.csv").iloc[0].to_dict(),
+        }
+        for path in sorted((repo / "metrics" / "evaluate").glob("*.json"))
+    }
 
 
 def distill_val_accuracy(repo: Path) -> float:
