@@ -1,7 +1,6 @@
 """CIFAR-10 on real images: a small-input student (the seed's MobileNetV2) through training, QAT and
 the export gates, at 32 px on a few hundred images of the shared training set."""
 
-import json
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from tiny_pipeline import TINY_OVERRIDES, deep_update, repo_params
 
 from edgekd.data.prepare import prepare_dataset
 from edgekd.deploy.gates import conv_kernels
-from edgekd.deploy.metadata import read_metadata
+from edgekd.deploy.metadata import read_export_checks, read_metadata
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -114,8 +113,9 @@ def test_mobilenet_v2_with_a_small_stem_trains_quantizes_and_passes_the_export_g
         first_conv = next(n for n in graph.node if n.op_type == "Conv")
         strides = next(a.ints for a in first_conv.attribute if a.name == "strides")
         assert list(strides) == [1, 1]  # the small stem: no downsampling in the first conv
-    # The INT8 file passed the gates against the integer torch model, and runs as integer kernels.
-    export = json.loads((m / "export_int8.json").read_text())
+    # The INT8 file passed the gates against the integer torch model (the figures it carries), and
+    # runs as integer kernels.
+    export = read_export_checks(m / "int8.onnx")
     assert export["parity_int8_torch"]["max_abs_diff_steps"] <= gates["max_logit_steps"]
     assert export["parity_int8_torch"]["top1_agreement"] >= gates["min_agreement"]
     kernels = conv_kernels(m / "int8.onnx")
