@@ -38,9 +38,14 @@ def measure(path: Path, images, labels: np.ndarray, classes: list[str], bench) -
         raise UserError(f"{path}: classes {meta.classes} differ from the prepared data {classes}")
     x = ArrayInputs(images, meta.image_size, meta.mean, meta.std)
     run = make_runner(path, "onnxruntime", bench.threads)
-    preds = predict_all(run, x).argmax(1)
+    logits = predict_all(run, x)
+    preds = logits.argmax(1)
     m = classification_metrics(labels, preds, classes)
     del m["confusion"]  # written as a dvc plot instead (confusion_<name>.csv)
+    # Two views, each image and its mirror, logits averaged: what test-time flip averaging would buy.
+    # For the record only: the deployed file runs one view, and `accuracy` is that view's.
+    mirrored = predict_all(lambda batch: run(np.ascontiguousarray(batch[..., ::-1])), x)
+    m["accuracy_flip"] = float(((logits + mirrored).argmax(1) == labels).mean())
     m.update(size_bytes=path.stat().st_size, params=meta.params, **measure_speed(path, x, bench))
     return m, preds
 

@@ -63,11 +63,7 @@ def main() -> None:
     info = load_info(args.data)
     train, val = load_split(args.data, "train"), load_split(args.data, "val")
     student, payload = load_model(args.student)
-    targets = (
-        load_soft_targets(args.soft_targets, train, p.seed, p.train.augment, len(info.classes), p.kd.ensemble)
-        if args.soft_targets
-        else None
-    )
+    targets = load_soft_targets(args.soft_targets, train, p, len(info.classes)) if args.soft_targets else None
     size = int(payload["image_size"])  # the student's own input side (student.image_size)
     model = prepare_qat(student, size)  # fake-quant; QAT always runs on CPU (FX kernels)
     bits = per_layer(read_bits(args.bits), model) if args.bits else {}
@@ -90,6 +86,9 @@ def main() -> None:
         t.weight_decay,
         t.label_smoothing,
         t.max_steps_per_epoch,
+        t.optimizer,
+        t.bn_bias_lr_scale,
+        *([t.momentum] if t.optimizer == "nesterov_triangle" else []),
         p.student.seed,
         size,
         *kd[2:],
@@ -111,6 +110,7 @@ def main() -> None:
         bn_recalibration=False,
         input_size=size,
         select_best=False,
+        fake_quant=True,
     )
     # CE + KD on the stored views, or (no soft targets: QAT from scratch) CE on fresh augmentations
     loss_fn, batches = student_objective(p, train, setup, targets)

@@ -18,7 +18,7 @@ from edgekd.runtime import run_stage, write_metrics
 from edgekd.train.checkpoints import load_teachers
 from edgekd.train.device import seed_everything, select_device
 from edgekd.train.evaluation import evaluate
-from edgekd.train.losses import ensemble_logits, prepare_teachers
+from edgekd.train.losses import ensemble_logits, flip_averaged, prepare_teachers
 from edgekd.train.soft_targets import (
     combine_teachers,
     compute_soft_targets,
@@ -45,22 +45,15 @@ def main() -> None:
     info, (images, labels), val = load_info(args.data), load_split(args.data, "train"), load_split(args.data, "val")
     teachers = prepare_teachers([m.to(device) for m in load_teachers(args.teachers, params.teachers.archs, info)[0]])
 
-    targets = compute_soft_targets(
-        teachers,
-        images,
-        labels,
-        params.kd.views,
-        params.seed,
-        params.train.augment,
-        info.mean,
-        info.std,
-        params.train.eval_batch_size,
-        device,
-    )
+    targets = compute_soft_targets(teachers, images, params, info, device)
+    views = len(targets["view_hashes"])
     # The plain mean on val: confidence weights need the labels, which a deployed model never has.
-    ensemble_val = evaluate(
-        lambda x: ensemble_logits(teachers, x), *val, info.mean, info.std, params.train.eval_batch_size, device
-    )["acc"]
+    # Single-view, and averaged over each image and its mirror (what kd.targets: flip_mean stores).
+    ensemble = lambda x: ensemble_logits(teachers, x)  # noqa: E731
+    ensemble_val, ensemble_val_flip = (
+        evaluate(fn, *val, info.mean, info.std, params.train.eval_batch_size, device)["acc"]
+        for fn in (ensemble, flip_averaged(ensemble))
+    )
     schemes = ENSEMBLES if len(teachers) > 1 else ("mean",)  # confidence weights compare teachers
     saved = stored(targets)["teacher_logits"].float()  # what the students read
     ensembles = {name: combine_teachers(saved, labels, name) for name in schemes}
@@ -72,7 +65,8 @@ def main() -> None:
         args.metrics,
         {
             "teacher_ensemble_val_acc": ensemble_val,
-            "views": params.kd.views,
+            "teacher_ensemble_val_acc_flip": ensemble_val_flip,
+            "views": views,
             # each ensemble's accuracy on the augmented training views (how much the targets themselves err)
             # and each teacher's mean weight in it over every view and image
             "ensemble_view_acc": view_acc,
@@ -82,16 +76,17 @@ def main() -> None:
                 for name, (_, weights) in ensembles.items()
                 if name != "mean"
             },
-            "images_per_s": round(params.kd.views * len(images) / wall_s, 1),
+            "images_per_s": round(views * len(images) / wall_s, 1),
             "wall_s": round(wall_s, 1),
         },
     )
     log.info(
-        "soft targets: %d views x %d images, ensemble acc on views %s, on val %.4f, %s",
-        params.kd.views,
+        "soft targets: %d views x %d images, ensemble acc on views %s, on val %.4f (flip-averaged %.4f), %s",
+        views,
         len(images),
         " ".join(f"{k} {v:.4f}" for k, v in view_acc.items()),
         ensemble_val,
+        ensemble_val_flip,
         args.out,
     )
 

@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from edgekd.config import TEACHER_ARCHS, as_dict, load_params
+from edgekd.config import TEACHER_ARCHS, as_dict, convnet_shape, load_params
 from edgekd.data.batches import load_split
 from edgekd.data.prepared import load_info
 from edgekd.errors import UserError
@@ -16,8 +16,9 @@ from edgekd.train.checkpoints import model_payload, save_checkpoint
 from edgekd.train.device import seed_everything, select_device
 from edgekd.train.distributed import join_process_group, leave_process_group, relaunch_under_torchrun
 from edgekd.train.engine import setup_from_params, train_model
-from edgekd.train.losses import ce_loss_fn
-from edgekd.train.models import build_model, local_weights
+from edgekd.train.evaluation import evaluate
+from edgekd.train.losses import ce_loss_fn, flip_averaged
+from edgekd.train.models import build_model, fit_whitening, local_weights
 from edgekd.train.resume import fingerprint
 
 log = logging.getLogger("edgekd")
@@ -25,7 +26,7 @@ log = logging.getLogger("edgekd")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--arch", required=True, help=f"one of {list(TEACHER_ARCHS)}")
+    parser.add_argument("--arch", required=True, help=f"one of teachers.archs: {list(TEACHER_ARCHS)} or a convnet")
     parser.add_argument("--data", required=True, help="prepared-data folder")
     parser.add_argument("--init", help="folder with an optional local weights file (*.pt, *.pth) for the backbone")
     parser.add_argument("--out", required=True, help="teacher checkpoint to write")
@@ -34,8 +35,10 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
     params = load_params(args.params)
-    if args.arch not in TEACHER_ARCHS:
-        raise UserError(f"--arch {args.arch!r} is not a teacher architecture; one of {list(TEACHER_ARCHS)}")
+    if args.arch not in TEACHER_ARCHS and convnet_shape(args.arch) is None:
+        raise UserError(
+            f"--arch {args.arch!r} is not a teacher architecture; one of {list(TEACHER_ARCHS)} or a convnet"
+        )
     relaunch_under_torchrun(params.distributed)
     seed = stream_seed(params.seed, f"teacher/{args.arch}")  # own batch order and augmentations
     seed_everything(seed)
@@ -43,12 +46,12 @@ def main() -> None:
     info, train, val = load_info(args.data), load_split(args.data, "train"), load_split(args.data, "val")
     cfg = params.teachers
     weights = local_weights(args.init)
-    model = build_model(args.arch, len(info.classes), weights=weights, stem=cfg.stems[args.arch])
+    stem = cfg.stem(args.arch)
+    model = build_model(args.arch, len(info.classes), weights=weights, stem=stem)
+    fit_whitening(model, train[0], info.mean, info.std)  # a convnet's first conv, from this train split
     model.to(memory_format=torch.channels_last)  # oneDNN's faster layout: 7-20 % less time per step on CPU
     init = [] if weights is None else [model.state_dict()]  # the loaded backbone is part of the run
-    run_id = fingerprint(
-        args.arch, cfg.stems[args.arch], seed, as_dict(params.train), cfg.epochs, cfg.lr, *init, *train, *val
-    )
+    run_id = fingerprint(args.arch, stem, seed, as_dict(params.train), cfg.epochs, cfg.lr, *init, *train, *val)
     setup = setup_from_params(params, info, device, cfg.epochs, seed, args.live, run_id, ranks=ranks)
 
     result = train_model(
@@ -60,12 +63,16 @@ def main() -> None:
             args.out,
             model_payload(
                 model,
-                {"arch": args.arch, "width": 1.0, "stem": cfg.stems[args.arch]},
+                {"arch": args.arch, "width": 1.0, "stem": stem},
                 info,
                 val_acc=result.best_val_acc,
             ),
         )
-        write_metrics(args.metrics, {"val_acc": result.best_val_acc})  # per-epoch figures: the dvclive curves
+        # single-view, and averaged over each image and its mirror (the soft targets of kd.targets: flip_mean)
+        flip_acc = evaluate(
+            flip_averaged(model.eval()), *val, info.mean, info.std, params.train.eval_batch_size, device
+        )["acc"]
+        write_metrics(args.metrics, {"val_acc": result.best_val_acc, "val_acc_flip": flip_acc})
     leave_process_group()
     log.info("teacher %s: val_acc %.4f (epoch %d), %s", args.arch, result.best_val_acc, result.best_epoch + 1, args.out)
 

@@ -275,7 +275,7 @@ def test_reads_after_loading_are_recorded_field_by_field():
     assert params.train is not None and read_keys() == set()  # a section alone is no read
     assert params.seed and params.student.width and params.distributed.world_size
     assert read_keys() == {"seed", "student.width", "distributed.nproc_per_node", "distributed.nnodes"}
-    assert as_dict(params.kd).keys() == {"temperature", "alpha", "views", "ensemble"}
+    assert as_dict(params.kd).keys() == {"targets", "temperature", "alpha", "views", "ensemble"}
     assert {"kd.temperature", "kd.alpha", "kd.views", "kd.ensemble"} <= read_keys()
     params.qat.recipe()
     assert {"qat.epochs", "qat.lr", "qat.freeze_bn_epoch", "qat.freeze_observer_epoch"} <= read_keys()

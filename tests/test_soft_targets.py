@@ -1,11 +1,14 @@
 """Stored teacher logits on re-rendered views: same pixels every time, right view per epoch, loud mismatches."""
 
 import hashlib
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
+from edgekd.config import params_from_dict
 from edgekd.data.batches import load_split
 from edgekd.data.prepared import load_info
 from edgekd.errors import UserError
@@ -25,6 +28,17 @@ from edgekd.train.soft_targets import (
     view_hash,
     view_parameters,
 )
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _params(seed=7, augment="dihedral", views=3, targets="views", ensemble="mean"):
+    """The repo's params with the few keys the soft targets read set for the test."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["seed"] = seed
+    raw["train"].update(augment=augment, eval_batch_size=64)
+    raw["kd"].update(views=views, targets=targets, ensemble=ensemble)
+    return params_from_dict(raw)
 
 
 def _render(images, seed, view, augment="dihedral"):
@@ -48,18 +62,7 @@ class _MeanColour(nn.Module):
 def sample(prepared_small):
     info = load_info(prepared_small)
     images, labels = load_split(prepared_small, "train")
-    targets = compute_soft_targets(
-        [_MeanColour(len(info.classes))],
-        images,
-        labels,
-        views=3,
-        seed=7,
-        augment="dihedral",
-        mean=info.mean,
-        std=info.std,
-        batch_size=64,
-        device=torch.device("cpu"),
-    )
+    targets = compute_soft_targets([_MeanColour(len(info.classes))], images, _params(), info, torch.device("cpu"))
     return info, images, labels, targets
 
 
@@ -125,18 +128,9 @@ def test_confidence_ensemble_weighs_each_teacher_per_sample_on_every_view(sample
     good, bad = _MeanColour(len(info.classes)), _MeanColour(len(info.classes))
     with torch.no_grad():
         bad.head.weight.mul_(-1)  # a second teacher that disagrees with the first
-    stored = compute_soft_targets(
-        [good, bad],
-        images,
-        labels,
-        views=2,
-        seed=7,
-        augment="dihedral",
-        mean=info.mean,
-        std=info.std,
-        batch_size=64,
-        device=torch.device("cpu"),
-    )["teacher_logits"]  # (V, N, K, C)
+    stored = compute_soft_targets([good, bad], images, _params(views=2), info, torch.device("cpu"))[
+        "teacher_logits"
+    ]  # (V, N, K, C)
     confident, confidence_mean = combine_teachers(stored, labels, "confidence")
     plain, plain_mean = combine_teachers(stored, labels, "mean")
     assert confident.shape == plain.shape == (2, len(images), len(info.classes))
@@ -167,19 +161,21 @@ def test_mismatches_fail_loudly(sample, tmp_path):
     info, images, labels, targets = sample
     path = tmp_path / "soft.pt"
     save_soft_targets(path, targets)
-    loaded = load_soft_targets(path, (images, labels), 7, "dihedral", len(info.classes), "mean")
+    loaded = load_soft_targets(path, (images, labels), _params(), len(info.classes))
     # stored as float16, read back as float32 for training
     assert loaded["teacher_logits"].dtype == torch.float16 and loaded["logits"].dtype == torch.float32
     assert torch.equal(loaded["logits"], targets["teacher_logits"][:, :, 0].half().float())
     with pytest.raises(UserError, match="soft.pt: soft targets were computed for other"):
-        load_soft_targets(path, (images[:-1], labels[:-1]), 7, "dihedral", len(info.classes), "mean")
+        load_soft_targets(path, (images[:-1], labels[:-1]), _params(), len(info.classes))
     with pytest.raises(UserError, match="rerun the soft_targets stage"):
-        load_soft_targets(path, (images, labels), 8, "dihedral", len(info.classes), "mean")
+        load_soft_targets(path, (images, labels), _params(seed=8), len(info.classes))
     with pytest.raises(UserError, match="train.augment"):  # views rendered by another augmentation
-        load_soft_targets(path, (images, labels), 7, "crop_flip", len(info.classes), "mean")
+        load_soft_targets(path, (images, labels), _params(augment="crop_flip"), len(info.classes))
+    with pytest.raises(UserError, match="kd.targets"):  # views, not per-image flip means
+        load_soft_targets(path, (images, labels), _params(targets="flip_mean"), len(info.classes))
     save_checkpoint(tmp_path / "float32.pt", targets)  # logits not in the stored format
     with pytest.raises(UserError, match="float32.pt: .* stored in another format"):
-        load_soft_targets(tmp_path / "float32.pt", (images, labels), 7, "dihedral", len(info.classes), "mean")
+        load_soft_targets(tmp_path / "float32.pt", (images, labels), _params(), len(info.classes))
     setup = FitSetup(epochs=1, batch_size=16, eval_batch_size=64, seed=7, mean=info.mean, std=info.std)
     altered = images.clone()
     altered[0] = 255 - altered[0]  # one image changed: the re-rendered view no longer matches its targets
@@ -198,3 +194,30 @@ def test_storage_rounding_reports_the_float16_error_and_flipped_top1():
     )
     assert 0 < report["stored_logit_max_error"] <= logits.abs().max().item() * 2**-11
     assert report["stored_top1_changed"]["mean"] == pytest.approx(1 / 100)
+
+
+def test_flip_mean_targets_are_each_images_mean_over_it_and_its_mirror_and_train_on_fresh_views(sample, tmp_path):
+    """kd.targets: flip_mean: one teacher pass per image and per mirror, the students' batches fresh
+    augmentations of each epoch carrying their images' targets; another image set fails loudly."""
+    info, images, labels, _ = sample
+    params = _params(augment="flip_translate", targets="flip_mean", views=5)
+    targets = compute_soft_targets([_MeanColour(len(info.classes))], images, params, info, torch.device("cpu"))
+    assert targets["teacher_logits"].shape == (1, len(images), 1, len(info.classes))  # kd.views not used
+    teacher = _MeanColour(len(info.classes)).eval()
+    mean, std = torch.tensor(info.mean).view(1, 3, 1, 1), torch.tensor(info.std).view(1, 3, 1, 1)
+    x = (images.float() / 255 - mean) / std
+    with torch.no_grad():
+        torch.testing.assert_close(targets["teacher_logits"][0, :, 0], (teacher(x) + teacher(x.flip(-1))) / 2)
+    save_soft_targets(tmp_path / "flip.pt", targets)
+    loaded = load_soft_targets(tmp_path / "flip.pt", (images, labels), params, len(info.classes))
+    setup = FitSetup(
+        epochs=2, batch_size=16, eval_batch_size=64, seed=7, mean=info.mean, std=info.std, augment="flip_translate"
+    )
+    batches = view_batches(images, labels, loaded, setup)
+    first = next(batches(0, torch.Generator().manual_seed(0)))
+    again = next(batches(1, torch.Generator().manual_seed(1)))
+    assert not torch.equal(first.x, again.x)  # each epoch its own augmentations
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:16]
+    torch.testing.assert_close(first.teacher_logits, loaded["logits"][0][order])
+    with pytest.raises(UserError, match="differ from those the soft targets were computed on"):
+        next(view_batches(255 - images, labels, loaded, setup)(0, torch.Generator().manual_seed(0)))

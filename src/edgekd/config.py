@@ -11,18 +11,19 @@ each stage really read.
 """
 
 import copy
+import re
 import types
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 
 from edgekd.errors import UserError
 
-TeacherArch = Literal["resnet18", "mobilenet_v2", "densenet121"]
-StudentArch = Literal[
+TorchvisionTeacher = Literal["resnet18", "mobilenet_v2", "densenet121"]
+TorchvisionStudent = Literal[
     "mobilenet_v3_small",
     "mobilenet_v3_small_relu",
     "mobilenet_v3_small_minimal",
@@ -33,16 +34,56 @@ StudentArch = Literal[
 # 32 px, where the ImageNet stem leaves 1x1 feature maps before the last stage (edgekd.train.models).
 Stem = Literal["imagenet", "small"]
 # Training augmentations (edgekd.train.augment): the 8 square symmetries + colour jitter for objects
-# seen from above (rice grains), a padded crop + left-right flip for upright objects (CIFAR-10).
-Augmentation = Literal["dihedral", "crop_flip"]
+# seen from above (rice grains), a padded crop + left-right flip for upright objects (CIFAR-10), or
+# airbench's 2 px reflected shift + flip.
+Augmentation = Literal["dihedral", "crop_flip", "flip_translate"]
+# A training recipe's optimizer and lr schedule (edgekd.train.engine.make_optimizer).
+Optimizer = Literal["adamw_onecycle", "nesterov_triangle"]
+# The arithmetic of training steps (not of QAT, evaluation or export): float32, or bfloat16 autocast
+# (convs and matmuls in bfloat16, ~3x faster on CPUs with AMX, slower on those without).
+Precision = Literal["float32", "bfloat16"]
+# What the teachers label (edgekd.train.soft_targets): `kd.views` augmented copies of the training
+# set, or each training image once, their logits averaged over it and its mirror (flip_mean).
+SoftTargets = Literal["views", "flip_mean"]
 Device = Literal["auto", "cpu", "cuda"]
 # How the student stages combine the teachers' stored logits (soft_targets keeps each teacher's):
 # plain mean, or per-sample weights from how well each teacher fits the sample's true label
 # (losses.confidence_weights).
 Ensemble = Literal["mean", "confidence"]
 
-TEACHER_ARCHS: tuple[str, ...] = get_args(TeacherArch)
-STUDENT_ARCHS: tuple[str, ...] = get_args(StudentArch)
+TEACHER_ARCHS: tuple[str, ...] = get_args(TorchvisionTeacher)
+STUDENT_ARCHS: tuple[str, ...] = get_args(TorchvisionStudent)
+
+# The compact conv-BN-ReLU family (edgekd.train.models.ConvNet), teacher or student alike, named by its
+# shape as WRN-28-10 is: `convnet_d<convs per stage>_<width of stage 1>_<stage 2>_...`, e.g.
+# convnet_d2_64_128_128 (airbench93's shape). A name, so that teachers of one family are stage keys.
+CONVNET = re.compile(r"convnet_d([1-9]\d*)((?:_[1-9]\d*)+)")
+CONVNET_FORM = "convnet_d<depth>_<width>_<width>... (e.g. convnet_d2_64_128_128)"
+
+
+def convnet_shape(arch: str) -> tuple[int, tuple[int, ...]] | None:
+    """(convs per stage, stage widths) of a convnet arch name; None for any other name."""
+    match = CONVNET.fullmatch(arch)
+    if match is None:
+        return None
+    return int(match.group(1)), tuple(int(w) for w in match.group(2).split("_")[1:])
+
+
+def _arch(allowed: tuple[str, ...], key: str):
+    def check(value: str) -> str:
+        _require(
+            value in allowed or convnet_shape(value) is not None,
+            key,
+            value,
+            f"one of {list(allowed)} or {CONVNET_FORM}",
+        )
+        return value
+
+    return AfterValidator(check)
+
+
+TeacherArch = Annotated[str, _arch(TEACHER_ARCHS, "teachers.archs")]
+StudentArch = Annotated[str, _arch(STUDENT_ARCHS, "student.arch")]
 STEMS: tuple[str, ...] = get_args(Stem)
 AUGMENTATIONS: tuple[str, ...] = get_args(Augmentation)
 DEVICES: tuple[str, ...] = get_args(Device)
@@ -124,6 +165,11 @@ class TrainConfig(_Section):
     patience: NonNegative  # early stopping on val accuracy; 0 = off
     augment: Augmentation
     max_steps_per_epoch: Annotated[int | None, Field(ge=1)]  # null = the whole train split every epoch
+    optimizer: Optimizer
+    momentum: Annotated[float, Field(ge=0, lt=1)]  # Nesterov momentum (nesterov_triangle)
+    bn_bias_lr_scale: Positive  # BN biases learn at this multiple of the lr
+    ema_decay: Annotated[float, Field(ge=0, lt=1)]  # per-step decay of the weight average; 0 = none
+    precision: Precision
 
 
 class DistributedConfig(_Section):
@@ -142,15 +188,22 @@ class TeachersConfig(_Section):
     archs: Annotated[tuple[TeacherArch, ...], Field(min_length=1, strict=False)]  # a YAML list
     epochs: AtLeastOne
     lr: Positive
-    # A stem per teacher: at 32 px a small stem costs mobilenet_v2 1.4x its ImageNet stem's time per
-    # image, resnet18 ~7x and densenet121 ~20x, so each teacher chooses its own.
-    stems: dict[TeacherArch, Stem]
+    # A stem per torchvision teacher: at 32 px a small stem costs mobilenet_v2 1.4x its ImageNet stem's
+    # time per image, resnet18 ~7x and densenet121 ~20x, so each teacher chooses its own (a convnet
+    # has one stem, its whitening conv).
+    stems: dict[TorchvisionTeacher, Stem]
 
     @model_validator(mode="after")
     def _a_stem_per_teacher(self) -> "TeachersConfig":
         for arch in self.archs:
-            _require(arch in self.stems, f"teachers.stems.{arch}", None, f"one of {list(STEMS)}")
+            if convnet_shape(arch) is None:
+                _require(arch in self.stems, f"teachers.stems.{arch}", None, f"one of {list(STEMS)}")
+        _require(len(set(self.archs)) == len(self.archs), "teachers.archs", list(self.archs), "distinct names")
         return self
+
+    def stem(self, arch: str) -> Stem:
+        """A teacher's stem: its entry in `stems`, or a convnet's one stem (its whitening conv)."""
+        return "small" if convnet_shape(arch) is not None else self.stems[arch]
 
 
 class StudentConfig(_Section):
@@ -168,6 +221,7 @@ class StudentConfig(_Section):
 
 
 class KDConfig(_Section):
+    targets: SoftTargets
     temperature: Positive
     alpha: Share  # weight of the KD term; 0 = plain cross-entropy
     views: AtLeastOne  # augmented copies of the training set the teachers label once (soft_targets)
@@ -266,11 +320,43 @@ class Params(_Section):
             self.student.image_size,
             f"null or <= data.image_size ({size}): students are trained on the cached images",
         )
+        for key, arch, side in [
+            *(("teachers.archs", arch, size) for arch in self.teachers.archs),
+            ("student.arch", self.student.arch, self.student_image_size),
+        ]:
+            if (shape := convnet_shape(arch)) is not None:
+                _require(
+                    convnet_output_side(side, len(shape[1])) >= 1,
+                    key,
+                    arch,
+                    f"at most {max_convnet_stages(side)} stages at {side} px (each halves the maps)",
+                )
+        _require(
+            convnet_shape(self.student.arch) is None or self.student.stem == "small",
+            "student.stem",
+            self.student.stem,
+            "small for a convnet student (its one stem: a 2x2 whitening conv)",
+        )
         return self
 
     @property
     def student_image_size(self) -> int:
         return self.student.image_size or self.data.image_size
+
+
+def convnet_output_side(image_size: int, stages: int) -> int:
+    """Side of a convnet's last maps: its 2x2 whitening conv takes one pixel, each stage halves."""
+    side = image_size - 1
+    for _ in range(stages):
+        side //= 2
+    return side
+
+
+def max_convnet_stages(image_size: int) -> int:
+    stages = 0
+    while convnet_output_side(image_size, stages + 1) >= 1:
+        stages += 1
+    return stages
 
 
 def _is_section(annotation: Any) -> bool:

@@ -224,21 +224,22 @@ def spread(values: dict[str, float]) -> dict:
     series = pd.Series(values, dtype=float)
     return {
         "mean": float(series.mean()),
-        "std": float(series.std()) if len(series) > 1 else 0.0,
+        "std": float(series.std()) if len(series) > 1 else None,  # one seed has no spread
         "seeds": {str(k): v for k, v in values.items()},
     }
 
 
 def recipe_rows(evaluations: dict[int, dict]) -> list[dict]:
-    """Test accuracy of each recipe over student seeds (the evaluate stage of each seed's run); size
-    is the same for every seed (the same architecture and bits), read from the first."""
+    """Test accuracy of each recipe over the student seeds that ran it (the evaluate stage of each
+    seed's run; the studies may run at the first seed only, `study_seeds`); size is the same for every
+    seed (the same architecture and bits), read from the first."""
     first = next(iter(evaluations.values()))
     return [
         {
             "model": name,
             "key": key,
             "size_bytes": first[key]["size_bytes"],
-            **spread({seed: ev[key]["accuracy"] for seed, ev in evaluations.items()}),
+            **spread({seed: ev[key]["accuracy"] for seed, ev in evaluations.items() if key in ev}),
         }
         for key, name in RECIPES
         if key in first
@@ -256,7 +257,7 @@ def pipeline_summary(full: Any, incremental: list) -> dict:
     if incremental:  # the first incremental run: (overrides, ExperimentRun)
         variant, run = incremental[0]
         summary["incremental"] = {
-            "command": "dvc exp run -P " + " ".join(f"-S {k}={v}" for k, v in variant.items()),
+            "command": " ".join(run.output[0].split()[1:]) if run.output else "",
             "total_s": run.total_s,
             "ratio": run.total_s / full.total_s,
             "stages_run": list(run.stage_s),

@@ -133,6 +133,8 @@ def int8_export_section(results: dict) -> list[str]:
 
 
 def mean_std(row: dict) -> str:
+    if row["std"] is None:
+        return f"{fmt.percent(row['mean'])} (1 seed)"
     return f"{fmt.percent(row['mean'])} ± {100 * row['std']:.2f}"
 
 

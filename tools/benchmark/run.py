@@ -4,6 +4,8 @@
    of `student_seeds`, stages timed;
 2. one incremental experiment per further student seed (`-S student.seed=N`, the first one timed:
    teachers and soft targets must be skipped), so every student recipe is reported as mean ± std;
+   the studies (studies/dvc.yaml) run at the first `study_seeds` seeds (default: all), the deployed
+   model's stages at every seed;
 3. per scheme of `compare_ensembles` and per student seed, `dvc exp run -S kd.ensemble=X ... distill`
    (that stage alone), compared with the main scheme on val, where a recipe is chosen;
 4. `variants` (e.g. `-S student.width=0.5`), each departing from the main run;
@@ -74,16 +76,20 @@ def main() -> None:
     params = load_params()
     main_params_text = (repo / "params.yaml").read_text()
 
-    def departing(overrides: dict, targets: tuple[str, ...] = ()) -> ExperimentRun:
+    def departing(overrides: dict, targets: tuple[str, ...] = ("-P",)) -> ExperimentRun:
         (repo / "params.yaml").write_text(main_params_text)  # each experiment departs from the main run
-        runs.append(run_experiment([*overrides_to_args(overrides), *(targets or ["-P"])], repo))
+        runs.append(run_experiment([*overrides_to_args(overrides), *targets], repo))
         return runs[-1]
 
     evaluations, val = {seeds[0]: main_eval}, {params.kd.ensemble: {seeds[0]: distill_val_accuracy(repo)}}
     incremental = []
-    for seed in seeds[1:]:
-        incremental.append(({"student.seed": seed}, departing({"student.seed": seed})))
-        evaluations[seed] = read_evaluations(repo)
+    study_seeds = cfg.get("study_seeds", len(seeds))
+    for index, seed in enumerate(seeds[1:], start=1):
+        # without -P: the deployed model's pipeline (dvc.yaml) alone
+        studies = index < study_seeds
+        incremental.append(({"student.seed": seed}, departing({"student.seed": seed}, ("-P",) if studies else ())))
+        # the studies' files in the workspace are the previous run's when they did not run
+        evaluations[seed] = read_evaluations(repo, None if studies else deployed_models(repo))
         val[params.kd.ensemble][seed] = distill_val_accuracy(repo)
     for scheme in cfg.get("compare_ensembles", []):
         val[scheme] = {}
@@ -132,16 +138,22 @@ def main() -> None:
     (out / "benchmark.log").write_text("\n".join(line for run in runs for line in run.output) + "\n")
 
 
-def read_evaluations(repo: Path) -> dict[str, dict]:
-    """Every `evaluate@<name>` stage's figures in the workspace, by model name: its metrics (accuracy,
-    size, p50) and the rest of its trade-off row (macro-F1, p90, throughput, ...)."""
+def read_evaluations(repo: Path, names: list[str] | None = None) -> dict[str, dict]:
+    """Every `evaluate@<name>` stage's figures in the workspace (or those of `names`), by model name:
+    its metrics (accuracy, size, p50) and the rest of its trade-off row (macro-F1, p90, throughput, ...)."""
     return {
         path.stem: {
             **read_json(path),
             **pd.read_csv(repo / "plots" / "tradeoff" / f"{path.stem}.csv").iloc[0].to_dict(),
         }
         for path in sorted((repo / "metrics" / "evaluate").glob("*.json"))
+        if names is None or path.stem in names
     }
+
+
+def deployed_models(repo: Path) -> list[str]:
+    """The models dvc.yaml (the deployed model's pipeline, without the studies) exports and evaluates."""
+    return list(yaml.safe_load((repo / "dvc.yaml").read_text())["vars"][0]["onnx_models"])
 
 
 def distill_val_accuracy(repo: Path) -> float:

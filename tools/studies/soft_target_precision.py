@@ -61,18 +61,7 @@ def main() -> None:
         teachers = prepare_teachers(
             [m.to(device) for m in load_teachers(args.teachers, params.teachers.archs, info)[0]]
         )
-        exact = compute_soft_targets(
-            teachers,
-            images,
-            labels,
-            params.kd.views,
-            params.seed,
-            params.train.augment,
-            info.mean,
-            info.std,
-            params.train.eval_batch_size,
-            device,
-        )
+        exact = compute_soft_targets(teachers, images, params, info, device)
         per_precision = {
             "float32": exact["teacher_logits"],
             str(STORED_DTYPE).split(".")[-1]: stored(exact)["teacher_logits"].float(),

@@ -70,14 +70,7 @@ def read_targets(raw: dict, data: Path, soft_targets: Path | None) -> dict | Non
     if soft_targets is None:
         return None
     params = params_from_dict(raw)
-    return load_soft_targets(
-        soft_targets,
-        load_split(data, "train"),
-        params.seed,
-        params.train.augment,
-        len(load_info(data).classes),
-        params.kd.ensemble,
-    )
+    return load_soft_targets(soft_targets, load_split(data, "train"), params, len(load_info(data).classes))
 
 
 def run_seed(raw: dict, seed: int, data: Path, device: torch.device, targets: dict | None = None) -> dict:

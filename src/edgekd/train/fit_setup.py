@@ -36,3 +36,8 @@ class FitSetup:
     # schedule must reach the weights that are exported (an earlier best-val epoch predates it).
     select_best: bool = True
     ranks: Ranks = Ranks()  # this process among the data-parallel ones (edgekd.train.distributed)
+    optimizer: str = "adamw_onecycle"  # train.optimizer (engine.make_optimizer)
+    momentum: float = 0.0  # train.momentum, Nesterov SGD only
+    bn_bias_lr_scale: float = 1.0  # train.bn_bias_lr_scale: BN biases learn at this multiple of the lr
+    ema_decay: float = 0.0  # train.ema_decay: per-step decay of the weight average; 0 = no average
+    precision: str = "float32"  # train.precision: "bfloat16" runs the training steps under autocast

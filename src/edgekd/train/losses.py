@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +77,13 @@ def teacher_logits(teachers: Sequence[nn.Module], x: Tensor) -> Tensor:
     return logits.clone()
 
 
+def flip_averaged(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """Test-time flip averaging: `fn`'s outputs on a batch and on its left-right mirror, averaged.
+    For upright photos (CIFAR-10) a mirror is as likely a scene as the original; a model's errors on
+    the two differ, and their mean is the better answer (airbench's TTA, docs/recipe.md)."""
+    return lambda x: (fn(x) + fn(x.flip(-1))) / 2
+
+
 def confidence_weights(logits: Tensor, labels: Tensor) -> Tensor:
     """Per-sample teacher weights (N, K) from their logits (N, K, C) and the true labels (N,).
 
@@ -101,7 +108,7 @@ def ce_loss_fn(label_smoothing: float) -> LossFn:
     """Training closure for `engine.fit`: plain (label-smoothed) cross-entropy."""
 
     def loss_fn(model: nn.Module, batch: Batch) -> dict[str, Tensor]:
-        logits = model(batch.x)  # (B, C)
+        logits = model(batch.x).float()  # (B, C); float32 under bfloat16 autocast too
         return {"loss": F.cross_entropy(logits, batch.y, label_smoothing=label_smoothing), "logits": logits}
 
     return loss_fn
@@ -113,7 +120,7 @@ def kd_loss_fn(temperature: float, alpha: float, label_smoothing: float) -> Loss
     def loss_fn(model: nn.Module, batch: Batch) -> dict[str, Tensor]:
         if batch.teacher_logits is None:
             raise ValueError("kd_loss_fn needs batches with teacher_logits (soft_targets.view_batches)")
-        logits = model(batch.x)
+        logits = model(batch.x).float()
         return {**kd_loss(logits, batch.teacher_logits, batch.y, temperature, alpha, label_smoothing), "logits": logits}
 
     return loss_fn

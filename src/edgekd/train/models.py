@@ -1,7 +1,9 @@
-"""Teacher and student architectures, all stock torchvision modules.
+"""Teacher and student architectures: stock torchvision modules, and a compact conv-BN-ReLU family.
 
 Keeping torchvision's own classes (not hand-written copies) means FX quantization can trace the
-students and a checkpoint rebuilds itself from `{"arch", "num_classes", "width", "stem"}`.
+students and a checkpoint rebuilds itself from `{"arch", "num_classes", "width", "stem"}`. torchvision
+has no network shaped for a CPU-minute budget at CIFAR's 32 px, so `ConvNet` (the shape of the fastest
+CIFAR-10 recipes, docs/recipe.md) is written here; its arch name carries its depth and widths.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from torchvision import models as tvm
 from torchvision.models.mobilenetv3 import InvertedResidualConfig, MobileNetV3, _mobilenet_v3_conf
 from torchvision.ops.misc import Conv2dNormActivation
 
-from edgekd.config import STEMS, STUDENT_ARCHS, TEACHER_ARCHS
+from edgekd.config import STEMS, STUDENT_ARCHS, TEACHER_ARCHS, convnet_shape
+from edgekd.data.batches import normalize, resize_batch
 from edgekd.errors import UserError
 
 # Parameter-name prefix of each teacher's classifier head: never taken from a local weights file,
@@ -33,6 +36,13 @@ def build_model(
     excluded), for users who have ImageNet weights on disk; nothing is ever downloaded. `stem`
     "small" replaces the ImageNet stem for small inputs (`small_input_stem`).
     """
+    if (shape := convnet_shape(arch)) is not None:
+        if stem != "small":
+            raise ValueError(f"{arch} has one stem, a 2x2 whitening conv for small inputs: stem must be 'small'")
+        if weights is not None:
+            raise ValueError("local weights are supported for torchvision teachers only")
+        depth, widths = shape
+        return ConvNet(num_classes, scaled_widths(widths, width), depth)
     if arch in ("resnet18", "densenet121") and width != 1.0:
         raise ValueError(f"{arch} has no width multiplier; got width={width}")
     if weights is not None and arch not in TEACHER_ARCHS:
@@ -90,6 +100,82 @@ def small_input_stem(model: nn.Module, arch: str) -> None:
         )
     else:  # the MobileNets: the first conv keeps its 3x3 kernel and weights, loses its stride
         model.features[0][0].stride = (1, 1)
+
+
+WHITEN_KERNEL = 2  # the whitening conv's side: 2x2 patches of 3 channels, 12 directions
+WHITEN_IMAGES = 5000  # train images whose patches estimate the covariance (deterministic: the first ones)
+
+
+def scaled_widths(widths: tuple[int, ...], width: float) -> tuple[int, ...]:
+    """A convnet's stage widths times the width multiplier, to a multiple of 8 (at least 8)."""
+    return tuple(max(8, int(round(w * width / 8)) * 8) for w in widths)
+
+
+# airbench multiplies the logits by 1/9: large max-pooled features times a head at the high lr of the
+# recipe would swamp the softmax. A multiply after the head would be a float op in the INT8 file, so
+# the head is reparametrised instead: its initial weights times HEAD_SCALE and its lr times
+# HEAD_SCALE^2 (`head_lr_scale`, read by engine.make_optimizer) take the same SGD steps as the scaled
+# logits of an unscaled head.
+HEAD_SCALE = 1 / 9
+
+
+class ConvNet(nn.Module):
+    """Stages of `depth` 3x3 conv-BN-ReLU layers, each stage ending in a 2x2 max-pool, after a frozen
+    2x2 conv that whitens the input patches; global max-pool and a linear head.
+
+    The shape of airbench (Jordan 2024, arXiv:2404.00498) and Page's ResNet-9 without the residual
+    adds: conv-BN-ReLU folds into one integer kernel and max-pool runs on integers, so nothing in the
+    INT8 file is computed in float. Its first conv holds the whitening of the training split's 2x2
+    patches (`fit_whitening`, computed by the stage that trains and stored with the weights), each
+    direction and its negation so the ReLU keeps both signs; every other conv starts as an identity
+    on its first channels (dirac init), and BN learns its biases only (airbench's choice: with BN after
+    every conv a scale is redundant with the conv's weights), which is what lets the recipe's high
+    learning rates work.
+    """
+
+    def __init__(self, num_classes: int, widths: tuple[int, ...], depth: int) -> None:
+        super().__init__()
+        whiten_width = 2 * 3 * WHITEN_KERNEL**2
+        self.whiten = nn.Sequential(nn.Conv2d(3, whiten_width, WHITEN_KERNEL, bias=True), nn.ReLU(inplace=True))
+        self.whiten[0].weight.requires_grad_(False)
+        layers, channels = [], whiten_width
+        for stage_width in widths:
+            for i in range(depth):
+                layers.append(Conv2dNormActivation(channels, stage_width, 3, activation_layer=nn.ReLU))
+                nn.init.dirac_(layers[-1][0].weight[: min(channels, stage_width)])
+                layers[-1][1].weight.requires_grad_(False)  # BN scales stay 1: biases alone set each ReLU's threshold
+                channels = stage_width
+                if i == 0:
+                    layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.classifier = nn.Linear(channels, num_classes, bias=False)
+        with torch.no_grad():
+            self.classifier.weight.mul_(HEAD_SCALE)
+
+    head_lr_scale = HEAD_SCALE**2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.pool(self.features(self.whiten(x))), 1))
+
+
+def fit_whitening(model: nn.Module, images: torch.Tensor, mean, std, size: int | None = None) -> None:
+    """Set a ConvNet's first conv to whiten the 2x2 patches of normalised training images, in place
+    (no-op for other models): the eigenvectors of the patch covariance scaled by 1/sqrt(eigenvalue),
+    and their negations. Uses the first WHITEN_IMAGES of `images` (uint8 (N, 3, H, W)) at the model's
+    input side `size`; the result is part of the weights, so every later stage reads it from the
+    checkpoint."""
+    if not isinstance(model, ConvNet):
+        return
+    x = normalize(resize_batch(images[:WHITEN_IMAGES], size), mean, std).double()
+    patches = x.unfold(2, WHITEN_KERNEL, 1).unfold(3, WHITEN_KERNEL, 1)  # (N, 3, H', W', k, k)
+    flat = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * WHITEN_KERNEL**2)
+    eigenvalues, eigenvectors = torch.linalg.eigh(flat.T @ flat / len(flat))
+    kernels = (eigenvectors.T / torch.sqrt(eigenvalues + 5e-4)[:, None]).reshape(-1, 3, WHITEN_KERNEL, WHITEN_KERNEL)
+    weight = model.whiten[0].weight
+    with torch.no_grad():
+        weight.copy_(torch.cat([kernels, -kernels]).to(weight.dtype))
+        model.whiten[0].bias.zero_()
 
 
 def count_params(model: nn.Module) -> int:

@@ -156,7 +156,10 @@ def prepare_qat(model: nn.Module, image_size: int) -> torch.fx.GraphModule:
     # graphs leave convs in float here (quantization notes), so FX stays the path for now.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return prepare_qat_fx(model, qconfig_mapping(), (example,))
+        prepared = prepare_qat_fx(model, qconfig_mapping(), (example,))
+    if hasattr(model, "head_lr_scale"):  # a reparametrised head (models.ConvNet) keeps its lr scale
+        prepared.head_lr_scale = model.head_lr_scale
+    return prepared
 
 
 def set_qat_phase(model: nn.Module, epoch: int, freeze_bn_epoch: int, freeze_observer_epoch: int) -> None:

@@ -51,12 +51,20 @@ class Progress:
     best_val_acc: float = -1.0
     best_epoch: int = -1
     best_state: dict[str, Tensor] | None = None
+    averaged_state: dict[str, Tensor] | None = None  # the weight average (train.ema_decay), if any
     history: list[dict[str, float]] = field(default_factory=list)
 
 
 def save_resume(
-    setup: FitSetup, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, progress: Progress
+    setup: FitSetup,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    progress: Progress,
+    averaged: nn.Module | None = None,
 ) -> None:
+    if averaged is not None:
+        progress.averaged_state = averaged.state_dict()
     save_checkpoint(
         setup.resume_path,
         {
@@ -71,7 +79,13 @@ def save_resume(
     )
 
 
-def restore(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, setup: FitSetup) -> Progress:
+def restore(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    setup: FitSetup,
+    averaged: nn.Module | None = None,
+) -> Progress:
     """Load the resume file if it belongs to this exact run; rank 0 deletes it if it is stale.
 
     Every process reads the file and decides before rank 0 may delete it (a barrier); otherwise a
@@ -95,6 +109,8 @@ def restore(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, 
     if state["cuda_rng"]:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     progress = Progress(**state["progress"])
+    if averaged is not None and progress.averaged_state is not None:
+        averaged.load_state_dict(progress.averaged_state)
     log.info("resuming from %s after epoch %d", path, progress.next_epoch)
     return progress
 

@@ -13,6 +13,12 @@ rounding, at most 2^-11 of a logit, is far below what a temperature-softened tar
 the soft_targets stage reports the largest rounding error and how often the ensemble's top-1 on
 the views changed.
 
+With `kd.targets: flip_mean` the teachers label each training image once instead, their logits
+averaged over the image and its mirror (test-time flip averaging), and the students train on fresh
+augmentations of every epoch against those per-image targets: two teacher passes over the split in
+all, where V views cost V. A 2 px shift or a flip changes what a CIFAR-10 teacher sees little, and the
+flip-averaged ensemble is the more accurate teacher (docs/recipe.md measures both).
+
 Views are re-rendered from their seeds instead of stored (V x 40 MB of pixels at 64 px would fill
 the DVC cache); a hash of every view, taken when its targets were computed, makes a re-render that
 differs by one pixel fail loudly instead of training on mismatched targets. A view is its table of
@@ -27,6 +33,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -35,11 +42,18 @@ from tqdm import tqdm
 from edgekd.config import Params
 from edgekd.errors import UserError
 from edgekd.train.augment import apply_augmentation, draw_augmentation, rows_of
-from edgekd.train.batching import Batch, BatchSource, LossFn, iterate_batches
+from edgekd.train.batching import Batch, BatchSource, LossFn, fresh_augmentation, iterate_batches
 from edgekd.train.checkpoints import load_checkpoint, save_checkpoint
 from edgekd.train.evaluation import predict_logits
 from edgekd.train.fit_setup import FitSetup
-from edgekd.train.losses import ce_loss_fn, confidence_ensemble, confidence_weights, kd_loss_fn, teacher_logits
+from edgekd.train.losses import (
+    ce_loss_fn,
+    confidence_ensemble,
+    confidence_weights,
+    flip_averaged,
+    kd_loss_fn,
+    teacher_logits,
+)
 
 RENDER_CHUNK = 256  # images augmented per generator call; part of a view's definition
 STORED_DTYPE = torch.float16  # of the stored teacher logits
@@ -79,25 +93,25 @@ def view_hash(images: Tensor, params: dict[str, Tensor], augment: str) -> str:
 
 
 def compute_soft_targets(
-    teachers: Sequence[nn.Module],
-    images: Tensor,
-    labels: Tensor,
-    views: int,
-    seed: int,
-    augment: str,
-    mean: Sequence[float],
-    std: Sequence[float],
-    batch_size: int,
-    device: torch.device,
+    teachers: Sequence[nn.Module], images: Tensor, params: Params, info: Any, device: torch.device
 ) -> dict:
     """Every teacher's float32 logits (V, N, K, C) on every view and the views' pixel hashes
-    (`stored` rounds them to what is saved).
+    (`stored` rounds them to what is saved); for `kind` "flip_mean" one "view", the images
+    themselves, labelled with each teacher's mean logits over the image and its mirror.
 
     Each teacher's logits are kept, not their combination, so that how they are combined
     (kd.ensemble, `combine_teachers`) is a student-side choice: switching it reruns no teacher.
     """
+    seed, augment, kind, batch_size = params.seed, params.train.augment, params.kd.targets, params.train.eval_batch_size
+    mean, std = info.mean, info.std
+    common = {"seed": seed, "augment": augment, "num_images": len(images), "kind": kind}
+    if kind == "flip_mean":  # kd.views is not read: nothing depends on it
+        logits = predict_logits(
+            flip_averaged(lambda x: teacher_logits(teachers, x)), images, mean, std, batch_size, device
+        )
+        return {"teacher_logits": logits[None], "view_hashes": [_pixels_hash(images)], **common}
     logits, hashes = [], []
-    for view in tqdm(range(views), desc="soft targets", leave=False, disable=not sys.stderr.isatty()):
+    for view in tqdm(range(params.kd.views), desc="soft targets", leave=False, disable=not sys.stderr.isatty()):
         params = view_parameters(images, seed, view, augment)
         hashes.append(view_hash(images, params, augment))
         logits.append(
@@ -108,13 +122,14 @@ def compute_soft_targets(
                 ]
             )
         )
-    return {
-        "teacher_logits": torch.stack(logits),
-        "view_hashes": hashes,
-        "seed": seed,
-        "augment": augment,
-        "num_images": len(images),
-    }
+    return {"teacher_logits": torch.stack(logits), "view_hashes": hashes, **common}
+
+
+def _pixels_hash(images: Tensor) -> str:
+    h = hashlib.sha256()
+    for start in range(0, len(images), RENDER_CHUNK):
+        h.update(images[start : start + RENDER_CHUNK].contiguous().numpy())
+    return h.hexdigest()[:16]
 
 
 def stored(targets: dict) -> dict:
@@ -157,12 +172,12 @@ def save_soft_targets(path: str | Path, targets: dict) -> None:
     save_checkpoint(path, stored(targets))
 
 
-def load_soft_targets(
-    path: str | Path, train: tuple[Tensor, Tensor], seed: int, augment: str, num_classes: int, ensemble: str
-) -> dict:
-    """The stored teacher logits, checked against the training images, seed and augmentation they
-    must belong to, combined under `ensemble` into float32 `logits` (V, N, C)."""
+def load_soft_targets(path: str | Path, train: tuple[Tensor, Tensor], params: Params, num_classes: int) -> dict:
+    """The stored teacher logits, checked against the training images and the params they must
+    belong to (seed, train.augment, kd.targets), combined under kd.ensemble into float32 `logits`
+    (V, N, C)."""
     images, labels = train
+    seed, augment, kind = params.seed, params.train.augment, params.kd.targets
     targets = load_checkpoint(path)
     logits = targets.get("teacher_logits")
     if (
@@ -174,12 +189,13 @@ def load_soft_targets(
         or logits.shape[3] != num_classes
         or targets.get("seed") != seed
         or targets.get("augment") != augment
+        or targets.get("kind", "views") != kind
     ):
         raise UserError(
-            f"{path}: soft targets were computed for other training data, classes, seed or "
-            "train.augment, or stored in another format; rerun the soft_targets stage"
+            f"{path}: soft targets were computed for other training data, classes, seed, "
+            "train.augment or kd.targets, or stored in another format; rerun the soft_targets stage"
         )
-    targets["logits"], targets["teacher_weights"] = combine_teachers(logits.float(), labels, ensemble)
+    targets["logits"], targets["teacher_weights"] = combine_teachers(logits.float(), labels, params.kd.ensemble)
     return targets
 
 
@@ -189,6 +205,17 @@ def view_batches(images: Tensor, labels: Tensor, targets: dict, setup: FitSetup)
     the first time it is used."""
     logits, hashes, augment = targets["logits"], targets["view_hashes"], targets["augment"]
     checked: set[int] = set()
+    if targets.get("kind") == "flip_mean":
+        if _pixels_hash(images) != hashes[0]:
+            raise UserError(
+                "the training images differ from those the soft targets were computed on; rerun soft_targets"
+            )
+
+        def fresh(epoch: int, generator: torch.Generator) -> Iterator[Batch]:
+            table = fresh_augmentation(generator, images.shape[-1], setup.augment)
+            yield from iterate_batches(images, labels, setup, generator, table, teacher_logits=logits[0])
+
+        return fresh
 
     def batches(epoch: int, generator: torch.Generator) -> Iterator[Batch]:
         view = epoch % len(hashes)
