@@ -77,6 +77,26 @@ def test_crop_flip_is_a_window_of_the_padded_image_mirrored_left_right_or_not(im
     assert torch.equal(out, augment_batch(sources, torch.Generator().manual_seed(0), "crop_flip"))
 
 
+def test_flip_translate_shifts_at_most_2_px_with_the_border_reflected(images):
+    """airbench's augmentation: every output is its input shifted by -2..2 px each way, the border
+    filled by reflection (never black), mirrored left-right or not; all 25 shifts x 2 mirrors occur."""
+    sources = images[:2].repeat(64, 1, 1, 1)
+    out = augment_batch(sources, torch.Generator().manual_seed(0), "flip_translate")
+    padded = torch.nn.functional.pad(sources.float(), (2, 2, 2, 2), mode="reflect").to(torch.uint8)
+    seen = set()
+    for src, dst in zip(padded, out):
+        matches = [
+            (dy, dx, m)
+            for dy in range(5)
+            for dx in range(5)
+            for m in (False, True)
+            if torch.equal(dst, (lambda w: w.flip(-1) if m else w)(src[:, dy : dy + 32, dx : dx + 32]))
+        ]
+        assert matches, "output is not a reflected shift of its input"
+        seen.add(matches[0])
+    assert len(seen) > 40
+
+
 def test_unknown_augmentation_is_named():
     with pytest.raises(ValueError, match="'mixup' is not one of"):
         draw_augmentation(2, 8, torch.Generator(), "mixup")

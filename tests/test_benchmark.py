@@ -210,6 +210,7 @@ def test_benchmark_on_tiny_run_writes_report_and_restores_main_run(tiny_project:
         "title": rice["title"],
         "overrides": {"student": {"epochs": 1}},
         "student_seeds": [42, 1],
+        "study_seeds": 1,  # the studies at seed 42 only, the deployed model's stages at both
         "compare_ensembles": ["confidence"],
         "variants": [{"bench.runs": 12}],  # reruns evaluate alone: the variant machinery, cheaply
         "seed_models": {
@@ -254,17 +255,30 @@ def test_benchmark_on_tiny_run_writes_report_and_restores_main_run(tiny_project:
         expected_accuracies(tiny_repo, config["seed_models"], results["misses"]), abs=1e-6
     )
 
-    # Every recipe over both student seeds; the main seed's figures are the main table's.
+    # The deployed model's recipes over both student seeds, the studies' at the first alone; the main
+    # seed's figures are the main table's.
     recipes = {r["key"]: r for r in results["recipes"]}
     assert list(recipes) == ["baseline", "fp32", "ptq", "baseline_int8", "int8", "a16", "mixed_a16", "mixed"]
     main_acc = {r["model"]: r["accuracy"] for r in results["main"]}
     assert recipes["int8"]["seeds"]["42"] == main_acc["student distilled + QAT, INT8"]
     assert recipes["mixed_a16"]["seeds"]["42"] == main_acc["student distilled + mixed QAT, 16/8-bit activations"]
     assert recipes["baseline"]["seeds"]["42"] == main_acc["student baseline (no KD), FP32"]
-    for row in recipes.values():
+    for key, row in recipes.items():
+        if key not in ("baseline", "fp32", "int8"):
+            assert list(row["seeds"]) == ["42"] and row["std"] is None
+            continue
         assert list(row["seeds"]) == ["42", "1"]
         values = list(row["seeds"].values())
         assert row["mean"] == pytest.approx(np.mean(values)) and row["std"] == pytest.approx(np.std(values, ddof=1))
+    # every training stage's img/s and its val accuracy per training minute, from its dvclive curves
+    training = {r["model"]: r for r in results["training"]}
+    assert {"teacher_resnet18", "baseline", "distill", "qat", "qat_scratch"} <= set(training)
+    distill_curve = pd.read_csv(tiny_repo / "dvclive/distill/plots/metrics/val_acc.tsv", sep="\t")
+    assert [a for _, a in training["distill"]["curve"]] == pytest.approx(distill_curve["val_acc"].tolist())
+    assert all(
+        r["images_per_s"] > 0 and r["curve"][-1][0] == pytest.approx(r["train_minutes"]) for r in training.values()
+    )
+    assert (tiny_repo / "reports/benchmark_training.png").stat().st_size > 0
     # kd.ensemble mean (the main scheme) vs confidence, on val, over the same seeds
     ensembles = {r["model"]: r for r in results["ensembles"]}
     assert list(ensembles) == ["kd.ensemble: mean", "kd.ensemble: confidence"]
@@ -279,7 +293,7 @@ def test_benchmark_on_tiny_run_writes_report_and_restores_main_run(tiny_project:
         pipeline["stages"]
     )
     incremental = pipeline["incremental"]
-    assert incremental["command"] == "dvc exp run -P -S student.seed=1" and incremental["teachers_skipped"]
+    assert incremental["command"] == "dvc exp run -S student.seed=1" and incremental["teachers_skipped"]
     assert {"train_teacher@resnet18", "train_teacher@mobilenet_v2", "train_teacher@densenet121"} <= set(
         incremental["skipped"]
     )

@@ -1,6 +1,7 @@
 """CIFAR-10 on real images: a small-input student (the seed's MobileNetV2) through training, QAT and
 the export gates, at 32 px on a few hundred images of the shared training set."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -8,13 +9,18 @@ from pathlib import Path
 
 import onnx
 import pytest
+import torch
 import yaml
 from shared_data import CIFAR10, require
 from tiny_pipeline import TINY_OVERRIDES, deep_update, repo_params
 
+from edgekd.data.batches import load_split
 from edgekd.data.prepare import prepare_dataset
+from edgekd.data.prepared import load_info
 from edgekd.deploy.gates import conv_kernels
 from edgekd.deploy.metadata import read_export_checks, read_metadata
+from edgekd.train.checkpoints import load_model
+from edgekd.train.models import build_model, fit_whitening
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -122,3 +128,49 @@ def test_mobilenet_v2_with_a_small_stem_trains_quantizes_and_passes_the_export_g
     assert kernels["integer"] > kernels["float"] == 0
     # 1 byte per weight instead of 4; per-channel scales and the Q/DQ graph add the rest (0.36x here)
     assert (m / "int8.onnx").stat().st_size < 0.4 * (m / "fp32.onnx").stat().st_size
+
+
+def test_a_convnet_student_with_the_fast_recipe_learns_and_exports_integer_kernels_only(prepared_cifar, tmp_path):
+    """The CIFAR-10 recipe (docs/recipe.md) end to end on 300 images: a convnet whose whitening conv the
+    training stage fits to the train split, Nesterov triangle with 64x BN-bias lr, label smoothing 0.2,
+    2 px shifts + flips, bfloat16 steps and a weight average; then QAT and the INT8 export, every conv
+    an integer kernel and nothing else computed in float."""
+    raw = deep_update(
+        yaml.safe_load((REPO / "params.yaml").read_text()),
+        {
+            "export": {"quantized": {**TINY_OVERRIDES["export"]["quantized"], "min_agreement": 0.5}},
+            "train": {
+                "batch_size": 64,
+                "augment": "flip_translate",
+                "label_smoothing": 0.2,
+                "optimizer": "nesterov_triangle",
+                "momentum": 0.85,
+                "bn_bias_lr_scale": 64.0,
+                "weight_decay": 0.002,
+                "ema_decay": 0.9,
+                "precision": "bfloat16",
+            },
+            "qat": {"epochs": 2, "lr": 0.05, "freeze_bn_epoch": 1, "freeze_observer_epoch": 1},
+            "student": {"arch": "convnet_d1_16_32_32", "width": 1.0, "stem": "small", "epochs": 12, "lr": 0.5},
+        },
+    )
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    m = tmp_path
+    _stage("train_student", "--mode", "baseline", "--data", prepared_cifar, "--out", m / "fp32.pt",
+           "--metrics", m / "fp32.json", "--params", params)  # fmt: skip
+    _stage("qat", "--data", prepared_cifar, "--student", m / "fp32.pt", "--out", m / "qat.pt",
+           "--metrics", m / "qat.json", "--params", params)  # fmt: skip
+    _stage("export", "--data", prepared_cifar, "--kind", "quantized", "--checkpoint", m / "qat.pt",
+           "--out", m / "int8.onnx", "--params", params)  # fmt: skip
+
+    _, payload = load_model(m / "fp32.pt")
+    info, (images, _) = load_info(prepared_cifar), load_split(prepared_cifar, "train")
+    fitted = build_model("convnet_d1_16_32_32", 10, stem="small")
+    fit_whitening(fitted, images, info.mean, info.std)
+    assert torch.equal(payload["state_dict"]["whiten.0.weight"], fitted.whiten[0].weight)  # frozen as fitted
+    assert json.loads((m / "fp32.json").read_text())["val_acc"] > 0.2  # chance: 0.1
+    kernels = conv_kernels(m / "int8.onnx")
+    assert kernels["integer"] == 4 and kernels["float"] == 0  # the whitening conv and three stages
+    ops = {n.op_type for n in onnx.load(str(m / "int8.onnx")).graph.node}
+    assert ops <= {"QuantizeLinear", "DequantizeLinear", "Conv", "Relu", "MaxPool", "Flatten", "Gemm"}

@@ -103,6 +103,16 @@ def test_a_value_in_the_file_is_the_value_loaded(tmp_path):
         ("student.image_size", 8, "null or an integer >= 16"),
         ("student.image_size", 96, "null or <= data.image_size (64)"),
         ("student.image_size", "big", "an integer"),
+        ("student.arch", "convnet_d2_8_8_8_8_8_8", "at most 5 stages at 64 px"),
+        ("student.arch", "convnet_d0_8", "convnet_d<depth>_<width>"),
+        ("teachers.archs", ["resnet18", "convnet_d2_8_8_8_8_8_8"], "at most 5 stages at 64 px"),
+        ("teachers.archs", ["convnet_d2_8", "convnet_d2_8"], "distinct names"),
+        ("train.optimizer", "sgd", "one of ['adamw_onecycle', 'nesterov_triangle']"),
+        ("train.precision", "float16", "one of ['float32', 'bfloat16']"),
+        ("train.ema_decay", 1.0, "0 <= ema_decay < 1"),
+        ("train.momentum", -0.1, "0 <= momentum < 1"),
+        ("train.bn_bias_lr_scale", 0, "> 0"),
+        ("kd.targets", "all", "one of ['views', 'flip_mean']"),
     ],
 )
 def test_bad_values_fail_with_one_line_naming_param(key, value, allowed):
@@ -127,6 +137,23 @@ def test_teacher_stems_are_checked_per_teacher():
         params_from_dict(raw)
     raw["teachers"]["stems"].update(mobilenet_v2="small", vgg16="small")
     with pytest.raises(ParamError, match=r"^params: teachers.stems='vgg16' is invalid; allowed: keys among"):
+        params_from_dict(raw)
+
+
+def test_a_convnet_must_fit_its_input_and_has_one_stem():
+    """A convnet's stages halve the maps after its 2x2 whitening conv: 4 stages fit 32 px, 5 do not;
+    the student's own input side counts. It has no ImageNet stem, and no entry in teachers.stems."""
+    raw = with_override("data.image_size", 32)
+    raw["student"].update(arch="convnet_d1_8_8_8_8", stem="small")
+    raw["teachers"].update(archs=["convnet_d3_8_8_8_8"], stems={})
+    params_from_dict(raw)
+    raw["student"]["image_size"] = 16
+    with pytest.raises(
+        ParamError, match=r"^params: student.arch='convnet_d1_8_8_8_8' is invalid; allowed: at most 3 stages at 16 px"
+    ):
+        params_from_dict(raw)
+    raw["student"].update(image_size=None, stem="imagenet")
+    with pytest.raises(ParamError, match=r"^params: student.stem='imagenet' is invalid; allowed: small for a convnet"):
         params_from_dict(raw)
 
 

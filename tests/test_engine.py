@@ -14,7 +14,7 @@ from edgekd.train.engine import fit, make_optimizer, train_one_epoch
 from edgekd.train.evaluation import evaluate
 from edgekd.train.fit_setup import FitSetup
 from edgekd.train.losses import ce_loss_fn
-from edgekd.train.models import build_model
+from edgekd.train.models import HEAD_SCALE, build_model, fit_whitening
 from edgekd.train.resume import fingerprint, resume_file
 
 
@@ -176,3 +176,62 @@ def test_max_steps_caps_each_epoch_at_a_fresh_random_subset(data):
     assert [len(batches) for batches in epochs] == [2, 2]
     assert not torch.equal(epochs[0][0].y, epochs[1][0].y) or not torch.equal(epochs[0][0].x, epochs[1][0].x)
     assert len(list(iterate_batches(*train, _setup(info), torch.Generator().manual_seed(0), augment=None))) == full
+
+
+RECIPE = {"optimizer": "nesterov_triangle", "momentum": 0.85, "bn_bias_lr_scale": 64.0, "ema_decay": 0.9}
+
+
+def _run_recipe(info, train, val, setup, on_epoch_start=None):
+    """The CIFAR-10 recipe's loop on a small convnet: Nesterov triangle, 64x BN-bias lr, weight EMA."""
+    seed_everything(0)
+    model = build_model("convnet_d1_16_16", len(info.classes), stem="small")
+    fit_whitening(model, train[0], info.mean, info.std)
+    optimizer, scheduler = make_optimizer(model, 0.2, 0.001, setup.epochs, steps_per_epoch(len(train[0]), 16), setup)
+    return model, fit(model, ce_loss_fn(0.2), optimizer, scheduler, train, val, setup, on_epoch_start)
+
+
+def test_the_recipe_with_weight_averaging_resumes_to_identical_results(data, tmp_path):
+    """The average is part of the resume file: a run killed after epoch 2 ends as the uninterrupted one."""
+    info, train, val = data
+    ref_model, ref = _run_recipe(info, train, val, _setup(info, tmp_path / "ref", fingerprint="r", **RECIPE))
+    setup = _setup(info, tmp_path / "killed", fingerprint="r", **RECIPE)
+    with pytest.raises(_Killed):
+        _run_recipe(info, train, val, setup, _kill_at(2))
+    assert setup.resume_path.is_file()
+    model, resumed = _run_recipe(info, train, val, setup)
+    assert [r["val_acc"] for r in resumed.history] == [r["val_acc"] for r in ref.history]
+    for key, value in ref_model.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_the_kept_weights_are_the_average_not_the_last_step(data):
+    info, train, val = data
+    averaged, _ = _run_recipe(info, train, val, _setup(info, epochs=2, select_best=False, **RECIPE))
+    plain, _ = _run_recipe(info, train, val, _setup(info, epochs=2, select_best=False, **{**RECIPE, "ema_decay": 0.0}))
+    conv = "features.0.0.weight"
+    assert not torch.equal(averaged.state_dict()[conv], plain.state_dict()[conv])
+
+
+def test_nesterov_triangle_groups_and_schedule():
+    """BN biases at bn_bias_lr_scale x the lr, a reparametrised head at head_lr_scale x the lr (its
+    decay per step unchanged), no decay on 1-D tensors; the lr factor 0.2 -> 1 at 23 % -> 0.07."""
+    model = build_model("convnet_d1_16_16", 10, stem="small")
+    setup = FitSetup(epochs=1, batch_size=8, eval_batch_size=8, seed=0, mean=[0] * 3, std=[1] * 3, **RECIPE)
+    optimizer, scheduler = make_optimizer(model, 0.5, 0.01, 1, 100, setup)
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["nesterov"]
+    by_param = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    bn = model.features[0][1]
+    assert by_param[id(bn.bias)]["lr"] == pytest.approx(0.5 * 0.2 * 64)  # the schedule's first factor, 0.2
+    assert id(bn.weight) not in by_param and id(model.whiten[0].weight) not in by_param  # frozen
+    head = by_param[id(model.classifier.weight)]
+    assert head["lr"] * head["weight_decay"] == pytest.approx(0.5 * 0.2 * 0.01)
+    assert head["lr"] == pytest.approx(0.5 * 0.2 * HEAD_SCALE**2)
+    assert by_param[id(model.features[0][0].weight)]["weight_decay"] == 0.01
+    assert by_param[id(model.whiten[0].bias)]["weight_decay"] == 0.0
+    factors = []
+    for _ in range(100):
+        factors.append(optimizer.param_groups[0]["lr"] / 0.5)
+        optimizer.step()
+        scheduler.step()
+    assert factors[0] == pytest.approx(0.2) and max(factors) == pytest.approx(1.0)
+    assert factors.index(max(factors)) == 23 and factors[-1] == pytest.approx(0.07, abs=0.015)

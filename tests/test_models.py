@@ -6,7 +6,7 @@ from torch import nn
 
 from edgekd.config import STUDENT_ARCHS, TEACHER_ARCHS
 from edgekd.errors import UserError
-from edgekd.train.models import build_model, count_params, local_weights
+from edgekd.train.models import build_model, count_params, fit_whitening, local_weights
 
 
 @pytest.mark.parametrize("arch", TEACHER_ARCHS)
@@ -157,3 +157,51 @@ def test_a_teachers_init_folder_holds_at_most_one_weights_file(tmp_path):
     (folder / "other.pt").write_bytes(b"")
     with pytest.raises(UserError, match=r"resnet18: holds 2 weights files \['imagenet.pth', 'other.pt'\]; keep one"):
         local_weights(folder)
+
+
+def test_a_convnet_name_is_its_shape():
+    """convnet_d<convs per stage>_<widths>: stages of conv-BN-ReLU, each first conv followed by a
+    max-pool, a 2x2 whitening conv (12 directions and their negations) in front, a bias-free head."""
+    model = build_model("convnet_d3_16_32_48", 7, stem="small")
+    convs = [m for m in model.features.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [16] * 3 + [32] * 3 + [48] * 3
+    assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 3
+    assert not any(isinstance(m, (nn.Hardswish, nn.GELU, nn.SiLU)) for m in model.modules())
+    assert model.whiten[0].out_channels == 24 and model.whiten[0].kernel_size == (2, 2)
+    assert model.classifier.bias is None and model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    assert [
+        c.out_channels
+        for c in build_model("convnet_d1_32_64", 7, width=0.5, stem="small").modules()
+        if isinstance(c, nn.Conv2d)
+    ][1:] == [16, 32]  # the width multiplier scales every stage
+
+
+def test_a_convnet_starts_as_identities_with_frozen_whitening_and_bn_scales():
+    model = build_model("convnet_d2_8_8", 3, stem="small")
+    second = model.features[2][0].weight  # the first stage's second conv: 8 -> 8 channels
+    assert torch.equal(second, torch.nn.init.dirac_(torch.empty_like(second)))
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    assert "whiten.0.weight" in frozen and all(f"features.{i}.1.weight" in frozen for i in (0, 2, 3, 5))
+    with pytest.raises(ValueError, match="stem must be 'small'"):
+        build_model("convnet_d2_8_8", 3, stem="imagenet")
+
+
+def test_whitening_decorrelates_the_training_patches(prepared_small):
+    """After fit_whitening the first conv's 12 directions see the normalised train split's 2x2 patches
+    with unit variance and no correlation (to the eps that keeps flat directions finite)."""
+    from edgekd.data.batches import load_split, normalize
+    from edgekd.data.prepared import load_info
+
+    info, (images, _) = load_info(prepared_small), load_split(prepared_small, "train")
+    model = build_model("convnet_d1_8", 5, stem="small")
+    fit_whitening(model, images, info.mean, info.std)
+    with torch.no_grad():
+        conv = model.whiten[0]
+        out = torch.nn.functional.conv2d(normalize(images, info.mean, info.std), conv.weight[:12])
+    flat = out.permute(1, 0, 2, 3).reshape(12, -1).double()
+    covariance = flat @ flat.T / flat.shape[1]
+    variance = covariance.diagonal()  # lambda / (lambda + eps) per direction: at most 1
+    assert variance.max() <= 1.0 + 1e-6 and (variance > 0.9).sum() >= 3
+    off = covariance - torch.diag(covariance.diagonal())
+    assert off.abs().max() < 0.05
+    torch.testing.assert_close(model.whiten[0].weight[12:], -model.whiten[0].weight[:12])

@@ -252,6 +252,36 @@ def ensemble_rows(val: dict[str, dict[int, float]]) -> list[dict]:
     return [{"model": f"kd.ensemble: {scheme}", **spread(per_seed)} for scheme, per_seed in val.items()]
 
 
+def training_rows(repo: Path) -> list[dict]:
+    """Every training stage of the workspace's run, from its dvclive curves: images/s (augmentation,
+    and fake quant for QAT, included), epochs, training minutes, and the val accuracy reached after
+    each epoch against the minutes spent so far (the accuracy-vs-CPU-minutes curve)."""
+    rows = []
+    for folder in sorted((repo / "dvclive").iterdir()):
+        curves = folder / "plots" / "metrics"
+        if not (curves / "val_acc.tsv").is_file():
+            continue
+        table = pd.concat(
+            [
+                pd.read_csv(curves / f"{name}.tsv", sep="\t", index_col="step")
+                for name in ("val_acc", "seconds", "images_per_s")
+            ],
+            axis=1,
+        )
+        minutes = table["seconds"].cumsum() / 60
+        rows.append(
+            {
+                "model": folder.name,
+                "epochs": len(table),
+                "images_per_s": float((table["seconds"] * table["images_per_s"]).sum() / table["seconds"].sum()),
+                "train_minutes": float(minutes.iloc[-1]),
+                "val_acc": float(table["val_acc"].iloc[-1]),
+                "curve": [[round(float(m), 3), float(a)] for m, a in zip(minutes, table["val_acc"])],
+            }
+        )
+    return rows
+
+
 def pipeline_summary(full: Any, incremental: list) -> dict:
     summary: dict[str, Any] = {"stages": full.stage_s, "total_s": full.total_s, "experiment": full.name}
     if incremental:  # the first incremental run: (overrides, ExperimentRun)

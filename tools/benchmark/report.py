@@ -206,6 +206,65 @@ def ensembles_section(results: dict) -> list[str]:
     ]
 
 
+def training_section(results: dict) -> list[str]:
+    """Each training stage's img/s and minutes, and the students' val accuracy per training minute."""
+    rows = results.get("training")
+    if not rows:  # reports written before the curves were read
+        return []
+    table = [
+        {
+            "model": r["model"],
+            "epochs": r["epochs"],
+            "img/s": f"{r['images_per_s']:.0f}",
+            "minutes": f"{r['train_minutes']:.1f}",
+            "val": fmt.percent(r["val_acc"]),
+            "curve": ", ".join(f"{m:.1f} min {fmt.percent(a)}" for m, a in r["curve"]),
+        }
+        for r in rows
+    ]
+    return [
+        "## Training: img/s and accuracy per CPU-minute (the main run, seed of the first row)",
+        "Every training stage's images per second (augmentation included; QAT with fake quant), its "
+        "training minutes on this machine (validation excluded) and its val accuracy after each epoch "
+        "against the minutes spent so far, read from its dvclive curves.",
+        "",
+        markdown_table(
+            table,
+            [
+                ("model", "stage"),
+                ("epochs", "epochs"),
+                ("img/s", "train img/s"),
+                ("minutes", "train minutes"),
+                ("val", "last val acc"),
+                ("curve", "val acc after each epoch"),
+            ],
+        ),
+        "",
+        "![training](benchmark_training.png)",
+        "",
+    ]
+
+
+def plot_training(rows: Sequence[dict], path: Path) -> None:
+    """Val accuracy against training minutes, one line per training stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for row in rows:
+        minutes, accuracy = zip(*row["curve"])
+        ax.plot(minutes, [100 * a for a in accuracy], "o-", markersize=3, label=row["model"])
+    ax.set_xlabel("training minutes (2 cores; validation excluded)")
+    ax.set_ylabel("val accuracy, %")
+    ax.set_title("Accuracy per CPU-minute")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+
+
 def render_markdown(results: dict) -> str:
     machine = results["machine"]
     timed = [(key, title) for key, title in MAIN_COLUMNS if any(key in row for row in results["main"])]
@@ -232,6 +291,7 @@ def render_markdown(results: dict) -> str:
         *[f"- {note}" for note in results.get("notes", [])],
         "",
         *recipes_section(results),
+        *training_section(results),
         *ensembles_section(results),
         *int8_export_section(results),
         *misses_section(results),

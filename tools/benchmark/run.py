@@ -36,7 +36,7 @@ from edgekd.runtime import run_stage
 from tools.benchmark import comparison
 from tools.benchmark.comparison import GOALS
 from tools.benchmark.experiments import ExperimentRun, overrides_to_args, run_experiment
-from tools.benchmark.report import plot_tradeoff, render_markdown
+from tools.benchmark.report import plot_tradeoff, plot_training, render_markdown
 from tools.machine import code_commit, machine_info
 
 SEED_MODEL_KEYS = ("fp32", "int8", "image_size", "mean", "std")
@@ -129,6 +129,7 @@ def main() -> None:
         "variants": variants,
         "pipeline": pipeline,
         "int8_export": read_export_checks(repo / "models" / "student_int8.onnx"),
+        "training": comparison.training_rows(repo),
         "published": cfg.get("published"),
         "notes": comparison.notes(cfg.get("seed_models")) + cfg.get("notes", []),
         "bench_wall_s": round(time.perf_counter() - start),
@@ -207,6 +208,8 @@ def write_report(results: dict, out: Path, targets: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmark.json").write_text(json.dumps(results, indent=2) + "\n")
     plot_tradeoff(results["variants"], out / "benchmark_tradeoff.png")
+    if results.get("training"):
+        plot_training(results["training"], out / "benchmark_training.png")
     (out / "benchmark.md").write_text(render_markdown(results))
     print(render_markdown(results))
 

@@ -328,12 +328,11 @@ def setup_from_params(
     Without best-epoch selection there is nothing to stop early for, so `train.patience` is not read;
     for `fake_quant` (QAT: its observers and frozen BN are buffers no average may blend, and its
     fake-quant steps run in float32) neither `train.ema_decay` nor `train.precision` is read.
-    `train.momentum` is read by the Nesterov recipe alone.
     """
     t = params.train
     return FitSetup(
         optimizer=t.optimizer,
-        momentum=t.momentum if t.optimizer == "nesterov_triangle" else 0.0,
+        momentum=t.momentum,  # read by nesterov_triangle alone, declared with the optimizer it belongs to
         bn_bias_lr_scale=t.bn_bias_lr_scale,
         ema_decay=t.ema_decay if not fake_quant else 0.0,
         precision=t.precision if not fake_quant else "float32",
