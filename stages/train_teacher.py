@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 import torch
 
@@ -45,6 +46,8 @@ def main() -> None:
     ranks, device = join_process_group(select_device(params.train.device, params.train.threads))
     info, train, val = load_info(args.data), load_split(args.data, "train"), load_split(args.data, "val")
     cfg = params.teachers
+    if args.init:  # DVC hashes the folder as a dependency: a teacher of a new name starts with an empty one
+        Path(args.init).mkdir(parents=True, exist_ok=True)
     weights = local_weights(args.init)
     stem = cfg.stem(args.arch)
     model = build_model(args.arch, len(info.classes), weights=weights, stem=stem)
