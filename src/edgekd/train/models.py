@@ -40,7 +40,7 @@ def build_model(
         if stem != "small":
             raise ValueError(f"{arch} has one stem, a 2x2 whitening conv for small inputs: stem must be 'small'")
         if weights is not None:
-            raise ValueError("local weights are supported for torchvision teachers only")
+            raise UserError(f"{weights}: a {arch} teacher trains from scratch (its first conv is fitted to the data)")
         depth, widths = shape
         return ConvNet(num_classes, scaled_widths(widths, width), depth)
     if arch in ("resnet18", "densenet121") and width != 1.0:
