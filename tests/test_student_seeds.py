@@ -9,6 +9,7 @@ import torch
 import yaml
 from torch import nn
 
+from edgekd.config import params_from_dict
 from edgekd.data.batches import load_split, normalize
 from edgekd.data.prepared import load_info
 from edgekd.train.soft_targets import compute_soft_targets, save_soft_targets
@@ -91,27 +92,14 @@ def test_one_seed_trains_the_baseline_student_on_real_images_reproducibly(prepar
 
 def test_one_seed_distils_from_stored_soft_targets_with_the_given_alpha(prepared_small, tmp_path, trained):
     """The KD recipe trains on the file's views (rendered with the params' seed) for any student seed."""
-    info, (images, labels) = load_info(prepared_small), load_split(prepared_small, "train")
+    info, (images, _) = load_info(prepared_small), load_split(prepared_small, "train")
     torch.manual_seed(0)
     teacher = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, len(info.classes))).eval()
     raw = with_overrides(REPO / "params.yaml", None, Path("unused"))
     raw["student"] = {**raw["student"], "epochs": 2}
+    raw["kd"] = {**raw["kd"], "views": 2}
     path = tmp_path / "soft_targets.pt"
-    save_soft_targets(
-        path,
-        compute_soft_targets(
-            [teacher],
-            images,
-            labels,
-            views=2,
-            seed=raw["seed"],
-            augment="dihedral",
-            mean=info.mean,
-            std=info.std,
-            batch_size=64,
-            device=torch.device("cpu"),
-        ),
-    )
+    save_soft_targets(path, compute_soft_targets([teacher], images, params_from_dict(raw), info, torch.device("cpu")))
     targets = read_targets(raw, prepared_small, path)
 
     def distil(alpha: float) -> dict:
