@@ -75,7 +75,8 @@ def test_teacher_baseline_distill_stages(prepared_small, tmp_path):
         )
         assert run.returncode == 0, run.stderr
     metrics = json.loads((tmp_path / "teacher_resnet18.json").read_text())
-    assert set(metrics) == {"val_acc"}  # the selected epoch's; the per-epoch figures are the curves
+    # the selected epoch's, single-view and flip-averaged; the per-epoch figures are the curves
+    assert set(metrics) == {"val_acc", "val_acc_flip"}
     ckpt = load_checkpoint(tmp_path / "teachers/resnet18.pt")
     assert ckpt["model"] == {"arch": "resnet18", "num_classes": 5, "width": 1.0, "stem": "imagenet"}
     assert ckpt["image_size"] == 32 and len(ckpt["mean"]) == 3
@@ -117,8 +118,11 @@ def test_teacher_baseline_distill_stages(prepared_small, tmp_path):
     with torch.no_grad():
         x = normalize(val_images, info.mean, info.std)
         mean_logits = torch.stack([t(x) for t in teachers]).mean(0)
+        mirrored = torch.stack([t(x.flip(-1)) for t in teachers]).mean(0)
     val_hits = (mean_logits.argmax(1) == val_labels).sum().item()
     assert soft["teacher_ensemble_val_acc"] == pytest.approx(val_hits / len(val_labels), abs=1e-6)
+    flip_hits = ((mean_logits + mirrored).argmax(1) == val_labels).sum().item()
+    assert soft["teacher_ensemble_val_acc_flip"] == pytest.approx(flip_hits / len(val_labels), abs=1e-6)
 
     for mode, out in (("baseline", "baseline.pt"), ("distill", "student_fp32.pt")):
         run = _stage(
