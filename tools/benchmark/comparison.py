@@ -68,7 +68,7 @@ def teacher_rows(params: Params, prepared: Path, teachers_dir: Path) -> tuple[li
     rows = []
     for arch, model in zip(params.teachers.archs, models):
         acc = evaluate(model, images, labels, info.mean, info.std, params.train.eval_batch_size, cpu)["acc"]
-        stem = params.teachers.stems[arch]
+        stem = params.teachers.stem(arch)
         rows.append(
             {
                 "model": f"teacher {arch}" + ("" if stem == "imagenet" else f" ({stem} stem)"),
