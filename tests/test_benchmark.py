@@ -275,9 +275,8 @@ def test_benchmark_on_tiny_run_writes_report_and_restores_main_run(tiny_project:
     assert {"teacher_resnet18", "baseline", "distill", "qat", "qat_scratch"} <= set(training)
     distill_curve = pd.read_csv(tiny_repo / "dvclive/distill/plots/metrics/val_acc.tsv", sep="\t")
     assert [a for _, a in training["distill"]["curve"]] == pytest.approx(distill_curve["val_acc"].tolist())
-    assert all(
-        r["images_per_s"] > 0 and r["curve"][-1][0] == pytest.approx(r["train_minutes"]) for r in training.values()
-    )
+    for row in training.values():  # the curve's minutes are rounded to 3 decimals
+        assert row["images_per_s"] > 0 and row["curve"][-1][0] == pytest.approx(row["train_minutes"], abs=5e-4)
     assert (tiny_repo / "reports/benchmark_training.png").stat().st_size > 0
     # kd.ensemble mean (the main scheme) vs confidence, on val, over the same seeds
     ensembles = {r["model"]: r for r in results["ensembles"]}
