@@ -10,6 +10,8 @@
 - `prepared_small`: `prepare_dataset` run on `small_rice_tree` at image_size 32 into a tmp
   `prepared/` folder (train/val/test image and label npy + csv + info.json): real prepared data for training and
   export tests. Treat both trees and the prepared folder as read-only; copy before modifying.
+- `prepared_cifar`: the first 30 images of each CIFAR-10 class (`$EDGEKD_SHARED/datasets/cifar10`),
+  prepared at 32 px: 300 real photos for the convnet recipe's tests.
 - `make_png(width, height, bit_depth, colour_type, rows)`: hand-written PNG bytes (any header,
   e.g. a 100,000 x 100,000 decompression bomb of a few bytes, or 16-bit RGB).
 """
@@ -21,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from shared_data import RICE_SAMPLE, require
+from shared_data import CIFAR10, RICE_SAMPLE, require
 from tiny_pipeline import repo_params
 
 from edgekd.data.prepare import prepare_dataset
@@ -30,6 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 RICE_CLASSES = ("Arborio", "Basmati", "Ipsala", "Jasmine", "Karacadag")
 SMALL_PER_CLASS = 20
 SMALL_IMAGE_SIZE = 32
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR_PER_CLASS = 30
 
 
 @pytest.fixture(scope="session")
@@ -68,6 +72,19 @@ def prepared_small(small_rice_tree: Path, tmp_path_factory) -> Path:
     data = repo_params({"data": {"image_size": SMALL_IMAGE_SIZE}}).data
     prepare_dataset(small_rice_tree, out, data, seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def prepared_cifar(tmp_path_factory) -> Path:
+    """The first CIFAR_PER_CLASS images of each class, prepared at 32 px."""
+    tmp = tmp_path_factory.mktemp("cifar10")
+    for cls in CIFAR_CLASSES:
+        files = sorted(require(CIFAR10 / cls, "datasets/cifar10/<class>/").iterdir())[:CIFAR_PER_CLASS]
+        (tmp / "tree" / cls).mkdir(parents=True)
+        for src in files:
+            shutil.copyfile(src, tmp / "tree" / cls / src.name)
+    prepare_dataset(tmp / "tree", tmp / "prepared", repo_params({"data": {"image_size": 32}}).data, seed=0)
+    return tmp / "prepared"
 
 
 @pytest.fixture(scope="session")

@@ -2,20 +2,16 @@
 the export gates, at 32 px on a few hundred images of the shared training set."""
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import onnx
-import pytest
 import torch
 import yaml
-from shared_data import CIFAR10, require
-from tiny_pipeline import TINY_OVERRIDES, deep_update, repo_params
+from tiny_pipeline import TINY_OVERRIDES, deep_update
 
 from edgekd.data.batches import load_split
-from edgekd.data.prepare import prepare_dataset
 from edgekd.data.prepared import load_info
 from edgekd.deploy.gates import conv_kernels
 from edgekd.deploy.metadata import read_export_checks, read_metadata
@@ -23,21 +19,6 @@ from edgekd.train.checkpoints import load_model
 from edgekd.train.models import build_model, fit_whitening
 
 REPO = Path(__file__).resolve().parents[1]
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-PER_CLASS = 30
-
-
-@pytest.fixture(scope="module")
-def prepared_cifar(tmp_path_factory) -> Path:
-    """The first PER_CLASS images of each class, prepared at 32 px."""
-    tmp = tmp_path_factory.mktemp("cifar10")
-    for cls in CLASSES:
-        files = sorted(require(CIFAR10 / cls, "datasets/cifar10/<class>/").iterdir())[:PER_CLASS]
-        (tmp / "tree" / cls).mkdir(parents=True)
-        for src in files:
-            shutil.copyfile(src, tmp / "tree" / cls / src.name)
-    prepare_dataset(tmp / "tree", tmp / "prepared", repo_params({"data": {"image_size": 32}}).data, seed=0)
-    return tmp / "prepared"
 
 
 def _stage(module: str, *args) -> None:

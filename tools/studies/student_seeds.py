@@ -32,9 +32,10 @@ from edgekd.data.batches import load_split
 from edgekd.data.prepare import prepare_dataset
 from edgekd.data.prepared import load_info
 from edgekd.train.device import seed_everything, select_device
-from edgekd.train.engine import setup_from_params, train_model
+from edgekd.train.engine import FitResult, setup_from_params, train_model
 from edgekd.train.evaluation import predict_logits
-from edgekd.train.models import build_model
+from edgekd.train.fit_setup import FitSetup
+from edgekd.train.models import build_model, fit_whitening
 from edgekd.train.soft_targets import load_soft_targets, student_objective
 from tools import formatting as fmt
 from tools.machine import machine_info
@@ -73,20 +74,32 @@ def read_targets(raw: dict, data: Path, soft_targets: Path | None) -> dict | Non
     return load_soft_targets(soft_targets, load_split(data, "train"), params, len(load_info(data).classes))
 
 
+def train_student(
+    params: Params, data: Path, device: torch.device, targets: dict | None = None
+) -> tuple[nn.Module, FitResult, FitSetup]:
+    """The `baseline` stage's training (CE), or `distill`'s on `targets` (`load_soft_targets`), in
+    this process at `student.seed`: the same model, whitening fit, schedule and epoch selection on
+    val, without the stage's files. Returns the model (eval mode, the selected epoch's weights)."""
+    cfg = params.student
+    seed_everything(cfg.seed)
+    info, train, val = load_info(data), load_split(data, "train"), load_split(data, "val")
+    model = build_model(cfg.arch, len(info.classes), cfg.width, stem=cfg.stem)
+    size = cfg.image_size or info.image_size
+    fit_whitening(model, train[0], info.mean, info.std, size)  # a convnet's first conv, as the stage fits it
+    setup = setup_from_params(params, info, device, cfg.epochs, cfg.seed, None, "", input_size=size)
+    loss_fn, batches = student_objective(params, train, setup, targets)
+    result = train_model(model, loss_fn, cfg.lr, params.train.weight_decay, train, val, setup, batches=batches)
+    return model.eval(), result, setup
+
+
 def run_seed(raw: dict, seed: int, data: Path, device: torch.device, targets: dict | None = None) -> dict:
     """The student recipe with seed `seed`: CE alone, or CE + KD on `targets` (`load_soft_targets`)."""
     params = params_from_dict({**copy.deepcopy(raw), "student": {**raw["student"], "seed": seed}})
-    seed_everything(seed)
-    info, train, val = load_info(data), load_split(data, "train"), load_split(data, "val")
-    cfg = params.student
-    model = build_model(cfg.arch, len(info.classes), cfg.width)
-    setup = setup_from_params(params, info, device, cfg.epochs, seed, None, "", input_size=cfg.image_size)
-    loss_fn, batches = student_objective(params, train, setup, targets)
+    info, val = load_info(data), load_split(data, "val")
     start = time.perf_counter()
-    result = train_model(model, loss_fn, cfg.lr, params.train.weight_decay, train, val, setup, batches=batches)
-    model.eval()
+    model, result, setup = train_student(params, data, device, targets)
     tta = predict_logits(
-        dihedral_mean(model), val[0], info.mean, info.std, setup.eval_batch_size, device, cfg.image_size
+        dihedral_mean(model), val[0], info.mean, info.std, setup.eval_batch_size, device, params.student.image_size
     )
     return {
         "seed": seed,
