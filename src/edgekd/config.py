@@ -59,6 +59,7 @@ STUDENT_ARCHS: tuple[str, ...] = get_args(TorchvisionStudent)
 # convnet_d2_64_128_128 (airbench93's shape). A name, so that teachers of one family are stage keys.
 CONVNET = re.compile(r"convnet_d([1-9]\d*)((?:_[1-9]\d*)+)")
 CONVNET_FORM = "convnet_d<depth>_<width>_<width>... (e.g. convnet_d2_64_128_128)"
+WHITEN_KERNEL = 2  # a convnet's whitening first conv: 2x2 patches of 3 channels, 12 directions
 
 
 def convnet_shape(arch: str) -> tuple[int, tuple[int, ...]] | None:
@@ -345,8 +346,9 @@ class Params(_Section):
 
 
 def convnet_output_side(image_size: int, stages: int) -> int:
-    """Side of a convnet's last maps: its 2x2 whitening conv takes one pixel, each stage halves."""
-    side = image_size - 1
+    """Side of a convnet's last maps: its whitening conv (no padding) takes WHITEN_KERNEL - 1 pixels,
+    each stage halves."""
+    side = image_size - (WHITEN_KERNEL - 1)
     for _ in range(stages):
         side //= 2
     return side

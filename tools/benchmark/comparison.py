@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import pandas as pd
 import torch
+from dvc.repo import Repo
 
 from edgekd.config import Params, StudentConfig
 from edgekd.data.batches import ModelInputs, load_split
@@ -252,13 +253,21 @@ def ensemble_rows(val: dict[str, dict[int, float]]) -> list[dict]:
     return [{"model": f"kd.ensemble: {scheme}", **spread(per_seed)} for scheme, per_seed in val.items()]
 
 
+def live_curve_folders(repo: Path) -> list[Path]:
+    """The dvclive curve folders (`dvclive/<stage>/plots/metrics`) that the pipelines' stages declare
+    as outputs under the workspace's params, in pipeline order: a folder another run left behind (a
+    teacher of other `teachers.archs`, say) is not one of them."""
+    with Repo(str(repo)) as dvc_repo:
+        paths = [Path(out.fs_path) for stage in dvc_repo.index.stages for out in stage.outs]
+    return [path for path in paths if path.parts[-4] == "dvclive" and path.parts[-2:] == ("plots", "metrics")]
+
+
 def training_rows(repo: Path) -> list[dict]:
     """Every training stage of the workspace's run, from its dvclive curves: images/s (augmentation,
     and fake quant for QAT, included), epochs, training minutes, and the val accuracy reached after
     each epoch against the minutes spent so far (the accuracy-vs-CPU-minutes curve)."""
     rows = []
-    for folder in sorted((repo / "dvclive").iterdir()):
-        curves = folder / "plots" / "metrics"
+    for curves in live_curve_folders(repo):
         if not (curves / "val_acc.tsv").is_file():
             continue
         table = pd.concat(
@@ -271,7 +280,7 @@ def training_rows(repo: Path) -> list[dict]:
         minutes = table["seconds"].cumsum() / 60
         rows.append(
             {
-                "model": folder.name,
+                "model": curves.parents[1].name,
                 "epochs": len(table),
                 "images_per_s": float((table["seconds"] * table["images_per_s"]).sum() / table["seconds"].sum()),
                 "train_minutes": float(minutes.iloc[-1]),

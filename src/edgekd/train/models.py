@@ -17,7 +17,7 @@ from torchvision import models as tvm
 from torchvision.models.mobilenetv3 import InvertedResidualConfig, MobileNetV3, _mobilenet_v3_conf
 from torchvision.ops.misc import Conv2dNormActivation
 
-from edgekd.config import STEMS, STUDENT_ARCHS, TEACHER_ARCHS, convnet_shape
+from edgekd.config import STEMS, STUDENT_ARCHS, TEACHER_ARCHS, WHITEN_KERNEL, convnet_shape
 from edgekd.data.batches import normalize, resize_batch
 from edgekd.errors import UserError
 
@@ -102,7 +102,6 @@ def small_input_stem(model: nn.Module, arch: str) -> None:
         model.features[0][0].stride = (1, 1)
 
 
-WHITEN_KERNEL = 2  # the whitening conv's side: 2x2 patches of 3 channels, 12 directions
 WHITEN_IMAGES = 5000  # train images whose patches estimate the covariance (deterministic: the first ones)
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -86,8 +86,13 @@ def render_view(
 
 def view_hash(images: Tensor, params: dict[str, Tensor], augment: str) -> str:
     """Hash of a view's pixels in image order, rendered chunk by chunk (no view is ever held)."""
+    return _chunks_hash(render_view(images, params, augment))
+
+
+def _chunks_hash(chunks: Iterable[Tensor]) -> str:
+    """Hash of the pixels of consecutive chunks of images: the same as of their concatenation."""
     h = hashlib.sha256()
-    for pixels in render_view(images, params, augment):
+    for pixels in chunks:
         h.update(pixels.cpu().contiguous().numpy())
     return h.hexdigest()[:16]
 
@@ -126,10 +131,8 @@ def compute_soft_targets(
 
 
 def _pixels_hash(images: Tensor) -> str:
-    h = hashlib.sha256()
-    for start in range(0, len(images), RENDER_CHUNK):
-        h.update(images[start : start + RENDER_CHUNK].contiguous().numpy())
-    return h.hexdigest()[:16]
+    """Hash of unaugmented images (the one "view" of kd.targets flip_mean), as `view_hash` computes it."""
+    return _chunks_hash(images[start : start + RENDER_CHUNK] for start in range(0, len(images), RENDER_CHUNK))
 
 
 def stored(targets: dict) -> dict:
