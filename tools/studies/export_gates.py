@@ -28,6 +28,7 @@ from edgekd.runtime import run_stage
 from edgekd.train.device import select_device
 from edgekd.train.quant import calibrate, convert, load_qat_model, wide_outputs
 from tools.machine import code_commit, machine_info
+from tools.studies.report_files import write_report
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -95,9 +96,7 @@ def main() -> None:
         "gates": as_dict(params.export.quantized),
         "files": files,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(report))
+    write_report(args.out, report, markdown(report))
 
 
 def markdown(report: dict) -> str:

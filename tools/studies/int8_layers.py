@@ -24,6 +24,7 @@ from edgekd.deploy.metadata import ModelMeta
 from edgekd.deploy.sessions import make_runner
 from edgekd.eval.latency import measure_latency
 from tools.studies.int8_variants import export_fp32_int8
+from tools.studies.report_files import write_report
 
 # (channels, spatial size): the shapes a 64 px MobileNetV3-Small passes through at width 0.25-0.5
 SHAPES = ((16, 32), (32, 16), (64, 8), (128, 4))
@@ -77,9 +78,7 @@ def main() -> None:
                     }
                 )
                 print(json.dumps(rows[-1]), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(rows, args))
+    write_report(args.out, {"rows": rows}, markdown(rows, args))
 
 
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:

@@ -38,6 +38,7 @@ from edgekd.train.evaluation import predict_logits
 from edgekd.train.losses import flip_averaged
 from tools import formatting as fmt
 from tools.machine import code_commit, machine_info
+from tools.studies.report_files import write_report
 from tools.studies.student_seeds import train_student, with_overrides
 
 RECIPE = "recipe"
@@ -149,9 +150,7 @@ def main() -> None:
         "student": {"arch": params.student.arch, "width": params.student.width, "epochs": args.epochs},
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(report))
+    write_report(args.out, report, markdown(report))
 
 
 def markdown(report: dict) -> str:

@@ -28,6 +28,7 @@ from edgekd.train.device import select_device
 from edgekd.train.losses import prepare_teachers
 from edgekd.train.soft_targets import STORED_DTYPE, combine_teachers, compute_soft_targets, stored
 from tools.machine import code_commit, machine_info
+from tools.studies.report_files import write_report
 from tools.studies.student_seeds import run_seed, with_overrides
 
 REPO = Path(__file__).resolve().parents[2]
@@ -86,9 +87,7 @@ def main() -> None:
             "difference": spread([r[names[1]] - r[names[0]] for r in rows]),
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(report, names))
+    write_report(args.out, report, markdown(report, names))
 
 
 def markdown(report: dict, names: list[str]) -> str:

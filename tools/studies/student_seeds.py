@@ -39,6 +39,7 @@ from edgekd.train.models import build_model, fit_whitening
 from edgekd.train.soft_targets import load_soft_targets, student_objective
 from tools import formatting as fmt
 from tools.machine import machine_info
+from tools.studies.report_files import write_report
 
 
 def dihedral_mean(model: nn.Module):
@@ -155,9 +156,7 @@ def main() -> None:
         "rows": rows,
         "summary": summary,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(report))
+    write_report(args.out, report, markdown(report))
 
 
 def command(args: argparse.Namespace) -> str:
