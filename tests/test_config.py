@@ -126,6 +126,14 @@ def test_bad_values_fail_with_one_line_naming_param(key, value, allowed):
     assert allowed in message
 
 
+def test_nesterov_steps_need_momentum():
+    raw = with_override("train.momentum", 0.0)
+    assert params_from_dict(raw).train.momentum == 0.0  # AdamW (the default) reads no momentum
+    raw["train"]["optimizer"] = "nesterov_triangle"
+    with pytest.raises(ParamError, match=r"^params: train.momentum=0.0 is invalid; allowed: > 0 with train.optimizer"):
+        params_from_dict(raw)
+
+
 def test_teacher_stems_are_checked_per_teacher():
     raw = with_override("teachers.stems", {"resnet18": "imagenet", "mobilenet_v2": "small", "densenet121": "imagenet"})
     assert params_from_dict(raw).teachers.stems["mobilenet_v2"] == "small"

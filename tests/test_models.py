@@ -205,3 +205,21 @@ def test_whitening_decorrelates_the_training_patches(prepared_small):
     off = covariance - torch.diag(covariance.diagonal())
     assert off.abs().max() < 0.05
     torch.testing.assert_close(model.whiten[0].weight[12:], -model.whiten[0].weight[:12])
+
+
+def test_whitening_is_fitted_on_every_class_of_a_class_sorted_split():
+    """Prepared splits are sorted by class: a split larger than the whitening's sample whose first
+    images are all dim (one class) and the rest full-range must still be whitened as a whole."""
+    from edgekd.data.batches import normalize
+    from edgekd.train.models import WHITEN_IMAGES
+
+    g = torch.Generator().manual_seed(0)
+    dim = torch.randint(0, 16, (WHITEN_IMAGES, 3, 6, 6), generator=g, dtype=torch.uint8)
+    bright = torch.randint(0, 256, (WHITEN_IMAGES, 3, 6, 6), generator=g, dtype=torch.uint8)
+    images, mean, std = torch.cat([dim, bright]), [0.5] * 3, [0.25] * 3
+    model = build_model("convnet_d1_8", 2, stem="small")
+    fit_whitening(model, images, mean, std)
+    with torch.no_grad():
+        out = torch.nn.functional.conv2d(normalize(images, mean, std), model.whiten[0].weight[:12])
+    variance = out.permute(1, 0, 2, 3).reshape(12, -1).double().var(dim=1)
+    assert variance.max() < 1.2  # fitted on the dim class alone: ~100 (the bright images' variance is ~100x)

@@ -172,6 +172,16 @@ class TrainConfig(_Section):
     ema_decay: Annotated[float, Field(ge=0, lt=1)]  # per-step decay of the weight average; 0 = none
     precision: Precision
 
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> "TrainConfig":
+        _require(
+            self.optimizer != "nesterov_triangle" or self.momentum > 0,
+            "train.momentum",
+            self.momentum,
+            "> 0 with train.optimizer nesterov_triangle (Nesterov steps need momentum)",
+        )
+        return self
+
 
 class DistributedConfig(_Section):
     """Data-parallel training with torchrun (edgekd.train.distributed): teachers and students."""

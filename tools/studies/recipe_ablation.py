@@ -50,10 +50,14 @@ def parts(defaults: dict) -> dict[str, tuple[str, dict]]:
     optimizer, lr and weight decay are the generic recipe's."""
     return {
         "optimizer": (
-            f"AdamW one-cycle, lr {defaults['student']['lr']}, weight decay {defaults['train']['weight_decay']}"
-            " (params.yaml's), instead of Nesterov SGD on the triangle",
+            f"AdamW one-cycle as params.yaml has it (lr {defaults['student']['lr']}, weight decay "
+            f"{defaults['train']['weight_decay']}, BN biases at the lr) instead of Nesterov SGD on the triangle",
             {
-                "train": {"optimizer": "adamw_onecycle", "weight_decay": defaults["train"]["weight_decay"]},
+                "train": {
+                    "optimizer": "adamw_onecycle",
+                    "weight_decay": defaults["train"]["weight_decay"],
+                    "bn_bias_lr_scale": defaults["train"]["bn_bias_lr_scale"],
+                },
                 "student": {"lr": defaults["student"]["lr"]},
             },
         ),

@@ -37,7 +37,8 @@ TRANSLATE_PX = 2  # flip_translate: the largest shift in px, border reflected
 
 def draw_augmentation(n: int, side: int, generator: torch.Generator, kind: str) -> dict[str, Tensor]:
     """Random transforms drawn per sample, on CPU, for `n` samples of side `side`: `dihedral`, a
-    flip/quarter turn and colour jitter; `crop_flip`, a padded random crop and a horizontal flip.
+    flip/quarter turn and colour jitter; `crop_flip`, a zero-padded random crop and a horizontal
+    flip; `flip_translate`, a shift of at most TRANSLATE_PX (border reflected) and a horizontal flip.
     Deterministic given the generator state. A table, not pixels: `apply_augmentation` renders any
     of its rows later, a batch at a time, on any device."""
     if kind in ("crop_flip", "flip_translate"):

@@ -64,8 +64,11 @@ def make_optimizer(
     norm_biases = {
         id(m.bias) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.bias is not None
     }
-    # A reparametrised head (models.ConvNet): its lr times head_lr_scale, its decay per step unchanged.
-    head_scale = getattr(model, "head_lr_scale", 1.0)
+    # A reparametrised head (models.ConvNet: logits scaled through its weights by `logit_scale`) gets
+    # the lr under which it steps as a plain head's scaled logits would, its decay per step unchanged:
+    # lr x scale^2 for SGD, whose step follows the gradient's size, x scale for AdamW, whose does not.
+    logit_scale = getattr(model, "logit_scale", 1.0)
+    head_scale = logit_scale**2 if kind == "nesterov_triangle" else logit_scale
     head = {id(model.classifier.weight)} if head_scale != 1.0 else set()
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.ndim > 1 and id(p) not in head]

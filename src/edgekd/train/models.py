@@ -102,7 +102,7 @@ def small_input_stem(model: nn.Module, arch: str) -> None:
         model.features[0][0].stride = (1, 1)
 
 
-WHITEN_IMAGES = 5000  # train images whose patches estimate the covariance (deterministic: the first ones)
+WHITEN_IMAGES = 5000  # train images whose patches estimate the covariance: an evenly strided sample
 
 
 def scaled_widths(widths: tuple[int, ...], width: float) -> tuple[int, ...]:
@@ -112,15 +112,16 @@ def scaled_widths(widths: tuple[int, ...], width: float) -> tuple[int, ...]:
 
 # airbench multiplies the logits by 1/9: large max-pooled features times a head at the high lr of the
 # recipe would swamp the softmax. A multiply after the head would be a float op in the INT8 file, so
-# the head is reparametrised instead: its initial weights times HEAD_SCALE and its lr times
-# HEAD_SCALE^2 (`head_lr_scale`, read by engine.make_optimizer) take the same SGD steps as the scaled
-# logits of an unscaled head.
+# the head is reparametrised instead: its initial weights times HEAD_SCALE (`logit_scale`), and
+# engine.make_optimizer gives it the lr and weight decay under which it takes the same steps as the
+# scaled logits of an unscaled head (lr x HEAD_SCALE^2 for SGD, x HEAD_SCALE for AdamW).
 HEAD_SCALE = 1 / 9
 
 
 class ConvNet(nn.Module):
-    """Stages of `depth` 3x3 conv-BN-ReLU layers, each stage ending in a 2x2 max-pool, after a frozen
-    2x2 conv that whitens the input patches; global max-pool and a linear head.
+    """Stages of `depth` 3x3 conv-BN-ReLU layers, a 2x2 max-pool after each stage's first conv (as
+    airbench), after a frozen 2x2 conv that whitens the input patches; global max-pool and a linear
+    head.
 
     The shape of airbench (Jordan 2024, arXiv:2404.00498) and Page's ResNet-9 without the residual
     adds: conv-BN-ReLU folds into one integer kernel and max-pool runs on integers, so nothing in the
@@ -152,7 +153,7 @@ class ConvNet(nn.Module):
         with torch.no_grad():
             self.classifier.weight.mul_(HEAD_SCALE)
 
-    head_lr_scale = HEAD_SCALE**2
+    logit_scale = HEAD_SCALE  # the head's reparametrised logit scale (engine.make_optimizer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.pool(self.features(self.whiten(x))), 1))
@@ -161,12 +162,14 @@ class ConvNet(nn.Module):
 def fit_whitening(model: nn.Module, images: torch.Tensor, mean, std, size: int | None = None) -> None:
     """Set a ConvNet's first conv to whiten the 2x2 patches of normalised training images, in place
     (no-op for other models): the eigenvectors of the patch covariance scaled by 1/sqrt(eigenvalue),
-    and their negations. Uses the first WHITEN_IMAGES of `images` (uint8 (N, 3, H, W)) at the model's
-    input side `size`; the result is part of the weights, so every later stage reads it from the
-    checkpoint."""
+    and their negations. Uses WHITEN_IMAGES of `images` (uint8 (N, 3, H, W)) evenly strided over the
+    split, at the model's input side `size`: the prepared splits are sorted by class, so a prefix
+    would whiten one or two classes' patches. The result is part of the weights, so every later stage
+    reads it from the checkpoint."""
     if not isinstance(model, ConvNet):
         return
-    x = normalize(resize_batch(images[:WHITEN_IMAGES], size), mean, std).double()
+    sample = images[:: max(1, len(images) // WHITEN_IMAGES)][:WHITEN_IMAGES]
+    x = normalize(resize_batch(sample, size), mean, std).double()
     patches = x.unfold(2, WHITEN_KERNEL, 1).unfold(3, WHITEN_KERNEL, 1)  # (N, 3, H', W', k, k)
     flat = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * WHITEN_KERNEL**2)
     eigenvalues, eigenvectors = torch.linalg.eigh(flat.T @ flat / len(flat))

@@ -157,8 +157,8 @@ def prepare_qat(model: nn.Module, image_size: int) -> torch.fx.GraphModule:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prepared = prepare_qat_fx(model, qconfig_mapping(), (example,))
-    if hasattr(model, "head_lr_scale"):  # a reparametrised head (models.ConvNet) keeps its lr scale
-        prepared.head_lr_scale = model.head_lr_scale
+    if hasattr(model, "logit_scale"):  # a reparametrised head (models.ConvNet) keeps its lr scaling
+        prepared.logit_scale = model.logit_scale
     return prepared
 
 

@@ -101,7 +101,7 @@ def compute_soft_targets(
     teachers: Sequence[nn.Module], images: Tensor, params: Params, info: Any, device: torch.device
 ) -> dict:
     """Every teacher's float32 logits (V, N, K, C) on every view and the views' pixel hashes
-    (`stored` rounds them to what is saved); for `kind` "flip_mean" one "view", the images
+    (`stored` rounds them to what is saved); for kd.targets "flip_mean" one "view", the images
     themselves, labelled with each teacher's mean logits over the image and its mirror.
 
     Each teacher's logits are kept, not their combination, so that how they are combined
@@ -117,13 +117,13 @@ def compute_soft_targets(
         return {"teacher_logits": logits[None], "view_hashes": [_pixels_hash(images)], **common}
     logits, hashes = [], []
     for view in tqdm(range(params.kd.views), desc="soft targets", leave=False, disable=not sys.stderr.isatty()):
-        params = view_parameters(images, seed, view, augment)
-        hashes.append(view_hash(images, params, augment))
+        table = view_parameters(images, seed, view, augment)
+        hashes.append(view_hash(images, table, augment))
         logits.append(
             torch.cat(
                 [
                     predict_logits(lambda x: teacher_logits(teachers, x), pixels, mean, std, batch_size, device)
-                    for pixels in render_view(images, params, augment, batch_size, device)
+                    for pixels in render_view(images, table, augment, batch_size, device)
                 ]
             )
         )
