@@ -18,7 +18,7 @@ from edgekd.runtime import run_stage, write_metrics
 from edgekd.train.checkpoints import load_teachers
 from edgekd.train.device import seed_everything, select_device
 from edgekd.train.evaluation import evaluate
-from edgekd.train.losses import ensemble_logits, flip_averaged, prepare_teachers
+from edgekd.train.losses import FlipAveraged, ensemble_logits, prepare_teachers
 from edgekd.train.soft_targets import (
     combine_teachers,
     compute_soft_targets,
@@ -52,7 +52,7 @@ def main() -> None:
     ensemble = lambda x: ensemble_logits(teachers, x)  # noqa: E731
     ensemble_val, ensemble_val_flip = (
         evaluate(fn, *val, info.mean, info.std, params.train.eval_batch_size, device)["acc"]
-        for fn in (ensemble, flip_averaged(ensemble))
+        for fn in (ensemble, FlipAveraged(ensemble))
     )
     schemes = ENSEMBLES if len(teachers) > 1 else ("mean",)  # confidence weights compare teachers
     saved = stored(targets)["teacher_logits"].float()  # what the students read

@@ -18,7 +18,7 @@ from edgekd.train.device import seed_everything, select_device
 from edgekd.train.distributed import join_process_group, leave_process_group, relaunch_under_torchrun
 from edgekd.train.engine import setup_from_params, train_model
 from edgekd.train.evaluation import evaluate
-from edgekd.train.losses import ce_loss_fn, flip_averaged
+from edgekd.train.losses import FlipAveraged, ce_loss_fn
 from edgekd.train.models import build_model, fit_whitening, local_weights
 from edgekd.train.resume import fingerprint
 
@@ -73,7 +73,7 @@ def main() -> None:
         )
         # single-view, and averaged over each image and its mirror (the soft targets of kd.targets: flip_mean)
         flip_acc = evaluate(
-            flip_averaged(model.eval()), *val, info.mean, info.std, params.train.eval_batch_size, device
+            FlipAveraged(model.eval()), *val, info.mean, info.std, params.train.eval_batch_size, device
         )["acc"]
         write_metrics(args.metrics, {"val_acc": result.best_val_acc, "val_acc_flip": flip_acc})
     leave_process_group()

@@ -7,8 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgekd.data.batches import normalize
 from edgekd.train.batching import Batch
+from edgekd.train.evaluation import predict_logits
 from edgekd.train.losses import (
+    FlipAveraged,
     confidence_ensemble,
     confidence_weights,
     ensemble_logits,
@@ -170,3 +173,19 @@ def test_prepared_teachers_give_the_same_logits():
         expected = teacher(x)
     fast = prepare_teachers([teacher])[0]
     torch.testing.assert_close(ensemble_logits([fast], x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_flip_averaging_runs_the_wrapped_model_in_eval_mode_and_restores_it():
+    """The mean over each image and its mirror, of the model in eval mode (BN running statistics, no
+    observer moving), even when the caller hands over a model in training mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5))
+    model(torch.randn(8, 3, 8, 8))  # running statistics that differ from any one batch's
+    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    mean, std = [0.5] * 3, [0.25] * 3
+    averaged = predict_logits(FlipAveraged(model), images, mean, std, 4, torch.device("cpu"))
+    assert model.training  # restored
+    x = normalize(images, mean, std)
+    with torch.no_grad():
+        expected = (model.eval()(x) + model(x.flip(-1))) / 2
+    torch.testing.assert_close(averaged, expected)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgekd.config import STUDENT_ARCHS
+from edgekd.config import STUDENT_ARCHS, convnet_shape
 from edgekd.deploy.export import export_onnx
 from edgekd.deploy.gates import conv_kernels
 from edgekd.deploy.metadata import ModelMeta
@@ -45,8 +45,11 @@ def export_fp32_int8(model: nn.Module, meta: ModelMeta, tmp: Path) -> tuple[Path
 
 def variant_row(arch: str, width: float, size: int, tmp: Path, warmup: int, runs: int) -> dict:
     torch.manual_seed(0)
-    meta = ModelMeta(classes=list("abcde"), image_size=size, mean=[0.5] * 3, std=[0.25] * 3, arch=arch, width=width)
-    fp32, int8 = export_fp32_int8(build_model(arch, 5, width), meta, tmp)
+    stem = "small" if convnet_shape(arch) else "imagenet"  # a convnet has one stem, its whitening conv
+    meta = ModelMeta(
+        classes=list("abcde"), image_size=size, mean=[0.5] * 3, std=[0.25] * 3, arch=arch, width=width, stem=stem
+    )
+    fp32, int8 = export_fp32_int8(build_model(arch, 5, width, stem=stem), meta, tmp)
     x = np.random.default_rng(0).standard_normal((1, 3, size, size), dtype=np.float32)
     row = {
         "arch": arch,

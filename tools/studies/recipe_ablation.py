@@ -35,7 +35,7 @@ from edgekd.errors import UserError
 from edgekd.runtime import run_stage
 from edgekd.train.device import select_device
 from edgekd.train.evaluation import predict_logits
-from edgekd.train.losses import flip_averaged
+from edgekd.train.losses import FlipAveraged
 from tools import formatting as fmt
 from tools.machine import code_commit, machine_info
 from tools.studies.report_files import write_report
@@ -85,7 +85,7 @@ def run_variant(params: Params, data: Path, device: torch.device) -> dict:
     model, result, setup = train_student(params, data, device)
     info, (images, labels) = load_info(data), load_split(data, "val")
     size = params.student.image_size or info.image_size
-    flip = predict_logits(flip_averaged(model), images, info.mean, info.std, setup.eval_batch_size, device, size)
+    flip = predict_logits(FlipAveraged(model), images, info.mean, info.std, setup.eval_batch_size, device, size)
     return {
         "best_epoch": result.best_epoch + 1,
         "val_acc": result.best_val_acc,

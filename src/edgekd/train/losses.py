@@ -77,11 +77,19 @@ def teacher_logits(teachers: Sequence[nn.Module], x: Tensor) -> Tensor:
     return logits.clone()
 
 
-def flip_averaged(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+class FlipAveraged(nn.Module):
     """Test-time flip averaging: `fn`'s outputs on a batch and on its left-right mirror, averaged.
     For upright photos (CIFAR-10) a mirror is as likely a scene as the original; a model's errors on
-    the two differ, and their mean is the better answer (airbench's TTA, docs/recipe.md)."""
-    return lambda x: (fn(x) + fn(x.flip(-1))) / 2
+    the two differ, and their mean is the better answer (airbench's TTA, docs/recipe.md). A module
+    holding `fn` (when `fn` is one), so that evaluation_mode puts it in eval mode with its observers
+    off, as it does `fn` alone."""
+
+    def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (self.fn(x) + self.fn(x.flip(-1))) / 2
 
 
 def confidence_weights(logits: Tensor, labels: Tensor) -> Tensor:

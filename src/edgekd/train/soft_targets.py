@@ -47,10 +47,10 @@ from edgekd.train.checkpoints import load_checkpoint, save_checkpoint
 from edgekd.train.evaluation import predict_logits
 from edgekd.train.fit_setup import FitSetup
 from edgekd.train.losses import (
+    FlipAveraged,
     ce_loss_fn,
     confidence_ensemble,
     confidence_weights,
-    flip_averaged,
     kd_loss_fn,
     teacher_logits,
 )
@@ -112,7 +112,7 @@ def compute_soft_targets(
     common = {"seed": seed, "augment": augment, "num_images": len(images), "kind": kind}
     if kind == "flip_mean":  # kd.views is not read: nothing depends on it
         logits = predict_logits(
-            flip_averaged(lambda x: teacher_logits(teachers, x)), images, mean, std, batch_size, device
+            FlipAveraged(lambda x: teacher_logits(teachers, x)), images, mean, std, batch_size, device
         )
         return {"teacher_logits": logits[None], "view_hashes": [_pixels_hash(images)], **common}
     logits, hashes = [], []
