@@ -189,3 +189,5 @@ def test_flip_averaging_runs_the_wrapped_model_in_eval_mode_and_restores_it():
     with torch.no_grad():
         expected = (model.eval()(x) + model(x.flip(-1))) / 2
     torch.testing.assert_close(averaged, expected)
+    predict_logits(FlipAveraged(model), images, mean, std, 4, torch.device("cpu"))
+    assert not model.training  # a model handed over in eval mode stays in it

@@ -87,6 +87,7 @@ class FlipAveraged(nn.Module):
     def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
         super().__init__()
         self.fn = fn
+        self.training = getattr(fn, "training", False)  # the mode evaluation_mode restores: fn's own
 
     def forward(self, x: Tensor) -> Tensor:
         return (self.fn(x) + self.fn(x.flip(-1))) / 2
