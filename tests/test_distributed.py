@@ -103,7 +103,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(prepared_small,
     assert "distributed: 2 processes per node x 1 nodes" in log and "torch.distributed.run" in log
     assert log.count("epoch 1/2") == 1  # rank 0 alone reports progress
     assert one_weights.keys() == two_weights.keys()
-    assert abs(one["val_acc"] - two["val_acc"]) * 15 <= VAL_IMAGES_TOLERANCE + 1e-9
+    assert round(abs(one["val_acc"] - two["val_acc"]) * 15) <= VAL_IMAGES_TOLERANCE  # float32 accuracies: count images
     assert epochs_logged(tmp_path / "live_one") == epochs_logged(tmp_path / "live_two") == 2
     # and a second run of the same 2-process command gives the same weights
     _, again, _ = _run(tmp_path, "again", 2, stage, prepared_small)

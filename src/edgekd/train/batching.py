@@ -50,7 +50,8 @@ def iterate_batches(
     """Shuffled, augmented, normalised batches: uint8 (N, 3, H, W) -> float (B, 3, H, W) on device,
     with the matching rows of `teacher_logits` (N, C) when given. `augment` gives each batch's
     augmentation table (`fresh_augmentation`, or a stored view's rows), applied on the device;
-    None leaves the images as they are. With several processes, each takes every world-th image of
+    None leaves the images as they are. Batches come in channels-last memory, as `engine.fit` holds
+    the model. With several processes, each takes every world-th image of
     each global batch, drawn and augmented exactly as for one process."""
     order = torch.randperm(len(images), generator=generator)
     batch = min(setup.batch_size, len(images))
@@ -64,4 +65,5 @@ def iterate_batches(
             x = apply_augmentation(x, rows_of(table, share), setup.augment)
         x = resize_batch(x, setup.input_size)
         soft = None if teacher_logits is None else teacher_logits[idx].to(setup.device)
-        yield Batch(normalize(x, setup.mean, setup.std), labels[idx].to(setup.device), soft)
+        x = normalize(x, setup.mean, setup.std).contiguous(memory_format=torch.channels_last)
+        yield Batch(x, labels[idx].to(setup.device), soft)
