@@ -18,10 +18,9 @@ from edgekd.runtime import run_stage, write_metrics
 from edgekd.train.checkpoints import model_payload, save_checkpoint
 from edgekd.train.device import seed_everything, select_device
 from edgekd.train.distributed import join_process_group, leave_process_group, relaunch_under_torchrun
-from edgekd.train.engine import setup_from_params, train_model
-from edgekd.train.models import build_model, fit_whitening
 from edgekd.train.resume import fingerprint
-from edgekd.train.soft_targets import load_soft_targets, student_objective
+from edgekd.train.soft_targets import load_soft_targets
+from edgekd.train.student import train_student
 
 log = logging.getLogger("edgekd")
 
@@ -46,16 +45,9 @@ def main() -> None:
     info, train, val = load_info(args.data), load_split(args.data, "train"), load_split(args.data, "val")
     targets = load_soft_targets(args.soft_targets, train, params, len(info.classes)) if args.mode == "distill" else None
     kd_id = [] if targets is None else [params.kd.temperature, params.kd.alpha, targets["logits"]]
-    model = build_model(cfg.arch, len(info.classes), cfg.width, stem=cfg.stem)
-    size = cfg.image_size or info.image_size
-    fit_whitening(model, train[0], info.mean, info.std, size)  # a convnet's first conv, from this train split
     run_id = fingerprint(args.mode, as_dict(params.train), as_dict(cfg), *kd_id, *train, *val)
-    setup = setup_from_params(
-        params, info, device, cfg.epochs, cfg.seed, args.live, run_id, input_size=size, ranks=ranks
-    )
-    loss_fn, batches = student_objective(params, train, setup, targets)
 
-    result = train_model(model, loss_fn, cfg.lr, params.train.weight_decay, train, val, setup, batches=batches)
+    model, result, setup = train_student(params, info, train, val, device, targets, args.live, run_id, ranks)
 
     if ranks.main:
         save_checkpoint(
@@ -63,7 +55,7 @@ def main() -> None:
             model_payload(
                 model,
                 {"arch": cfg.arch, "width": cfg.width, "stem": cfg.stem},
-                dataclasses.replace(info, image_size=size),
+                dataclasses.replace(info, image_size=setup.input_size),
                 val_acc=result.best_val_acc,
                 mode=args.mode,
             ),

@@ -31,12 +31,12 @@ from edgekd.config import Params, as_dict, params_from_dict
 from edgekd.data.batches import load_split
 from edgekd.data.prepare import prepare_dataset
 from edgekd.data.prepared import load_info
+from edgekd.train import student
 from edgekd.train.device import seed_everything, select_device
-from edgekd.train.engine import FitResult, setup_from_params, train_model
+from edgekd.train.engine import FitResult
 from edgekd.train.evaluation import predict_logits
 from edgekd.train.fit_setup import FitSetup
-from edgekd.train.models import build_model, fit_whitening
-from edgekd.train.soft_targets import load_soft_targets, student_objective
+from edgekd.train.soft_targets import load_soft_targets
 from tools import formatting as fmt
 from tools.machine import machine_info
 from tools.studies.report_files import write_report
@@ -79,17 +79,11 @@ def train_student(
     params: Params, data: Path, device: torch.device, targets: dict | None = None
 ) -> tuple[nn.Module, FitResult, FitSetup]:
     """The `baseline` stage's training (CE), or `distill`'s on `targets` (`load_soft_targets`), in
-    this process at `student.seed`: the same model, whitening fit, schedule and epoch selection on
-    val, without the stage's files. Returns the model (eval mode, the selected epoch's weights)."""
-    cfg = params.student
-    seed_everything(cfg.seed)
+    this process at `student.seed`, without the stage's files (`edgekd.train.student`). Returns the
+    model (eval mode, the selected epoch's weights)."""
+    seed_everything(params.student.seed)
     info, train, val = load_info(data), load_split(data, "train"), load_split(data, "val")
-    model = build_model(cfg.arch, len(info.classes), cfg.width, stem=cfg.stem)
-    size = cfg.image_size or info.image_size
-    fit_whitening(model, train[0], info.mean, info.std, size)  # a convnet's first conv, as the stage fits it
-    setup = setup_from_params(params, info, device, cfg.epochs, cfg.seed, None, "", input_size=size)
-    loss_fn, batches = student_objective(params, train, setup, targets)
-    result = train_model(model, loss_fn, cfg.lr, params.train.weight_decay, train, val, setup, batches=batches)
+    model, result, setup = student.train_student(params, info, train, val, device, targets)
     return model.eval(), result, setup
 
 
