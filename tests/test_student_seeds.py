@@ -12,8 +12,8 @@ from torch import nn
 from edgekd.config import params_from_dict
 from edgekd.data.batches import load_split, normalize
 from edgekd.data.prepared import load_info
+from edgekd.train import student
 from edgekd.train.soft_targets import compute_soft_targets, save_soft_targets
-from tools.studies import student_seeds
 from tools.studies.student_seeds import dihedral_mean, read_targets, run_seed, with_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ def trained(monkeypatch) -> dict[str, list]:
     """The models `run_seed` builds and the fit results it gets, in call order (the models end up
     holding the selected epoch's weights), to check its row against them."""
     seen: dict[str, list] = {"models": [], "results": []}
-    build, train = student_seeds.build_model, student_seeds.train_model
+    build, train = student.build_model, student.train_model
 
     def recording_build(*args, **kwargs):
         seen["models"].append(build(*args, **kwargs))
@@ -58,8 +58,8 @@ def trained(monkeypatch) -> dict[str, list]:
         seen["results"].append(train(*args, **kwargs))
         return seen["results"][-1]
 
-    monkeypatch.setattr(student_seeds, "build_model", recording_build)
-    monkeypatch.setattr(student_seeds, "train_model", recording_train)
+    monkeypatch.setattr(student, "build_model", recording_build)  # what run_seed's training calls
+    monkeypatch.setattr(student, "train_model", recording_train)
     return seen
 
 
