@@ -63,7 +63,7 @@ def iterate_batches(
         x = images[idx].to(setup.device)  # uint8 crosses to the GPU: 4x less to copy, augmented there
         if table is not None:
             x = apply_augmentation(x, rows_of(table, share), setup.augment)
-        x = resize_batch(x, setup.input_size)
+        # Reordered as uint8, a quarter of the float batch's bytes; normalising keeps the layout.
+        x = resize_batch(x, setup.input_size).contiguous(memory_format=torch.channels_last)
         soft = None if teacher_logits is None else teacher_logits[idx].to(setup.device)
-        x = normalize(x, setup.mean, setup.std).contiguous(memory_format=torch.channels_last)
-        yield Batch(x, labels[idx].to(setup.device), soft)
+        yield Batch(normalize(x, setup.mean, setup.std), labels[idx].to(setup.device), soft)

@@ -185,9 +185,7 @@ def fit(
     restored with the weights anyway).
     """
     # Channels-last memory, weights here and batches in `iterate_batches`: oneDNN's CPU convolutions
-    # then skip a layout reorder per layer. On a 2-core AMX Xeon, batches of 1024 at 32 px under
-    # bfloat16, convnet_d2_32_64_64 trains 2.0x and convnet_d2_64_128_128 1.7x as fast; in float32
-    # at 64 px the torchvision networks move by -6 % (resnet18) to +34 % (mobilenet_v2).
+    # then skip a layout reorder per layer (1.7-2x for the convnets, docs/recipe.md measures it).
     model.to(setup.device, memory_format=torch.channels_last)
     step_model = data_parallel(model, setup.ranks, setup.device)  # model itself for one process
     averaged = weight_average(model, setup.ema_decay)
