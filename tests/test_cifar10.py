@@ -114,8 +114,8 @@ def test_mobilenet_v2_with_a_small_stem_trains_quantizes_and_passes_the_export_g
 def test_a_convnet_student_with_the_fast_recipe_learns_and_exports_integer_kernels_only(prepared_cifar, tmp_path):
     """The CIFAR-10 recipe (docs/recipe.md) end to end on 300 images: a convnet whose whitening conv the
     training stage fits to the train split, Nesterov triangle with 64x BN-bias lr, label smoothing 0.2,
-    2 px shifts + flips, bfloat16 steps and a weight average; then QAT and the INT8 export, every conv
-    an integer kernel and nothing else computed in float."""
+    2 px shifts + flips, bfloat16 steps, BN after the max-pool and a weight average; then QAT (BN
+    frozen) and the INT8 export, every conv an integer kernel and nothing else computed in float."""
     raw = deep_update(
         yaml.safe_load((REPO / "params.yaml").read_text()),
         {
@@ -130,8 +130,9 @@ def test_a_convnet_student_with_the_fast_recipe_learns_and_exports_integer_kerne
                 "weight_decay": 0.002,
                 "ema_decay": 0.9,
                 "precision": "bfloat16",
+                "norm_after_pool": True,
             },
-            "qat": {"epochs": 2, "lr": 0.05, "freeze_bn_epoch": 1, "freeze_observer_epoch": 1},
+            "qat": {"epochs": 2, "lr": 0.05, "freeze_bn_epoch": 0, "freeze_observer_epoch": 1},
             "student": {"arch": "convnet_d1_16_32_32", "width": 1.0, "stem": "small", "epochs": 12, "lr": 0.5},
         },
     )

@@ -186,6 +186,32 @@ def test_a_convnet_starts_as_identities_with_frozen_whitening_and_bn_scales():
         build_model("convnet_d2_8_8", 3, stem="imagenet")
 
 
+def test_norm_after_pool_trains_on_pooled_statistics_and_infers_the_fused_order():
+    """train.norm_after_pool: in training mode BN normalises the max-pooled maps of each stage's
+    first conv (its batch statistics are those of the pooled pixels); in eval mode the pool-first
+    order and conv-BN-ReLU -> max-pool compute the same function, which is what lets QAT and export
+    fold BN into the conv."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 16, 16)
+    pooled, fused = (build_model("convnet_d2_8_16", 3, stem="small", norm_after_pool=flag) for flag in (True, False))
+    fused.load_state_dict(pooled.state_dict())
+    for model in (pooled, fused):
+        model.train()(x)
+    first_bn = ("features.0.1.running_mean", "features.0.1.running_var")
+    assert not any(torch.allclose(pooled.state_dict()[k], fused.state_dict()[k]) for k in first_bn)
+    with torch.no_grad():  # trained-looking BN: biases of both signs, spread running statistics
+        for bn in (m for m in pooled.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.bias.normal_()
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.1, 3.0)
+    pooled.eval()
+    features = pooled.features(pooled.whiten(x))
+    assert torch.allclose(pooled._pool_then_norm(pooled.whiten(x)), features, atol=1e-5)
+    assert torch.equal(pooled(x), pooled.classifier(torch.flatten(pooled.pool(features), 1)))
+    with pytest.raises(UserError, match="train.norm_after_pool"):
+        build_model("resnet18", 3, norm_after_pool=True)
+
+
 def test_whitening_decorrelates_the_training_patches(prepared_small):
     """After fit_whitening the first conv's 12 directions see the normalised train split's 2x2 patches
     with unit variance and no correlation (to the eps that keeps flat directions finite)."""

@@ -171,6 +171,7 @@ class TrainConfig(_Section):
     bn_bias_lr_scale: Positive  # BN biases learn at this multiple of the lr
     ema_decay: Annotated[float, Field(ge=0, lt=1)]  # per-step decay of the weight average; 0 = none
     precision: Precision
+    norm_after_pool: bool  # convnets: train each stage's first block as conv -> max-pool -> BN -> ReLU
 
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self) -> "TrainConfig":

@@ -69,6 +69,10 @@ def parts(defaults: dict) -> dict[str, tuple[str, dict]]:
         ),
         "precision": ("float32 training steps instead of bfloat16", {"train": {"precision": "float32"}}),
         "ema": (f"weight average on (ema_decay {EMA_DECAY})", {"train": {"ema_decay": EMA_DECAY}}),
+        "norm_after_pool": (
+            "conv-BN-ReLU -> max-pool in training instead of conv -> max-pool -> BN -> ReLU",
+            {"train": {"norm_after_pool": False}},
+        ),
     }
 
 

@@ -27,14 +27,20 @@ _TEACHER_HEADS = {"resnet18": "fc.", "mobilenet_v2": "classifier.", "densenet121
 
 
 def build_model(
-    arch: str, num_classes: int, width: float = 1.0, weights: str | Path | None = None, stem: str = "imagenet"
+    arch: str,
+    num_classes: int,
+    width: float = 1.0,
+    weights: str | Path | None = None,
+    stem: str = "imagenet",
+    norm_after_pool: bool = False,
 ) -> nn.Module:
     """A freshly initialised network with a `num_classes` head.
 
     `width` scales the MobileNets' channels (their width multiplier); resnet18 and densenet121 have
     no such knob and require 1.0. `weights` optionally loads a local teacher backbone (head
     excluded), for users who have ImageNet weights on disk; nothing is ever downloaded. `stem`
-    "small" replaces the ImageNet stem for small inputs (`small_input_stem`).
+    "small" replaces the ImageNet stem for small inputs (`small_input_stem`). `norm_after_pool`
+    (train.norm_after_pool) is `ConvNet`'s training-time block order; other networks have none.
     """
     if (shape := convnet_shape(arch)) is not None:
         if stem != "small":
@@ -42,7 +48,9 @@ def build_model(
         if weights is not None:
             raise UserError(f"{weights}: a {arch} teacher trains from scratch (its first conv is fitted to the data)")
         depth, widths = shape
-        return ConvNet(num_classes, scaled_widths(widths, width), depth)
+        return ConvNet(num_classes, scaled_widths(widths, width), depth, norm_after_pool)
+    if norm_after_pool:
+        raise UserError(f"params: train.norm_after_pool=true applies to convnet architectures only; got {arch!r}")
     if arch in ("resnet18", "densenet121") and width != 1.0:
         raise ValueError(f"{arch} has no width multiplier; got width={width}")
     if weights is not None and arch not in TEACHER_ARCHS:
@@ -131,10 +139,19 @@ class ConvNet(nn.Module):
     on its first channels (dirac init), and BN learns its biases only (airbench's choice: with BN after
     every conv a scale is redundant with the conv's weights), which is what lets the recipe's high
     learning rates work.
+
+    `norm_after_pool` (train.norm_after_pool) trains each stage's first block as conv -> max-pool ->
+    BN -> ReLU, airbench's order: BN and ReLU run on a quarter of the pixels, and BN's batch
+    statistics are those of the pooled maps. In eval mode the order is always conv-BN-ReLU ->
+    max-pool, the same function (BN with running statistics and its scale frozen at 1 is an
+    increasing map per channel, as ReLU is, and both commute with max-pool), so QAT (which folds BN
+    into the conv, its statistics frozen: `qat.freeze_bn_epoch` 0), export and the INT8 file see the
+    order that fuses into one integer kernel.
     """
 
-    def __init__(self, num_classes: int, widths: tuple[int, ...], depth: int) -> None:
+    def __init__(self, num_classes: int, widths: tuple[int, ...], depth: int, norm_after_pool: bool = False) -> None:
         super().__init__()
+        self.norm_after_pool = norm_after_pool
         whiten_width = 2 * 3 * WHITEN_KERNEL**2
         self.whiten = nn.Sequential(nn.Conv2d(3, whiten_width, WHITEN_KERNEL, bias=True), nn.ReLU(inplace=True))
         self.whiten[0].weight.requires_grad_(False)
@@ -156,7 +173,25 @@ class ConvNet(nn.Module):
     logit_scale = HEAD_SCALE  # the head's reparametrised logit scale (engine.make_optimizer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.pool(self.features(self.whiten(x))), 1))
+        x = self.whiten(x)
+        if self.training and self.norm_after_pool:
+            x = self._pool_then_norm(x)
+        else:
+            x = self.features(x)
+        return self.classifier(torch.flatten(self.pool(x), 1))
+
+    def _pool_then_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """`features` with each max-pool moved between the conv before it and that conv's BN."""
+        layers = list(self.features)
+        for layer, after in zip(layers, layers[1:] + [None]):
+            if isinstance(layer, nn.MaxPool2d):
+                continue  # applied inside the block before it
+            if isinstance(after, nn.MaxPool2d):
+                conv, norm, relu = layer
+                x = relu(norm(after(conv(x))))
+            else:
+                x = layer(x)
+        return x
 
 
 def fit_whitening(model: nn.Module, images: torch.Tensor, mean, std, size: int | None = None) -> None:

@@ -36,7 +36,9 @@ def train_student(
     caller seeds the process first (`seed_everything(student.seed)`): the initial weights come from
     the global generator. `live_dir` and `run_id` give the stage its curves and resume file."""
     cfg = params.student
-    model = build_model(cfg.arch, len(info.classes), cfg.width, stem=cfg.stem)
+    model = build_model(
+        cfg.arch, len(info.classes), cfg.width, stem=cfg.stem, norm_after_pool=params.train.norm_after_pool
+    )
     size = cfg.image_size or info.image_size
     fit_whitening(model, train[0], info.mean, info.std, size)  # a convnet's first conv, from this train split
     setup = setup_from_params(
