@@ -226,7 +226,8 @@ def test_the_kept_weights_are_the_average_not_the_last_step(data):
 
 def test_nesterov_triangle_groups_and_schedule():
     """BN biases at bn_bias_lr_scale x the lr, a reparametrised head at HEAD_SCALE^2 x the lr under SGD, HEAD_SCALE
-    x under AdamW (its decay per step unchanged), no decay on 1-D tensors; the lr factor 0.2 -> 1 at 23 % -> 0.07."""
+    x under AdamW (its decay per step unchanged), no decay on 1-D tensors; the lr factor 0.2 -> 1 at 23 % ->
+    train.lr_end."""
     model = build_model("convnet_d1_16_16", 10, stem="small")
     setup = FitSetup(epochs=1, batch_size=8, eval_batch_size=8, seed=0, mean=[0] * 3, std=[1] * 3, **RECIPE)
     optimizer, scheduler = make_optimizer(model, 0.5, 0.01, 1, 100, setup)
@@ -247,6 +248,12 @@ def test_nesterov_triangle_groups_and_schedule():
         scheduler.step()
     assert factors[0] == pytest.approx(0.2) and max(factors) == pytest.approx(1.0)
     assert factors.index(max(factors)) == 23 and factors[-1] == pytest.approx(0.07, abs=0.015)
+    # train.lr_end sets the last step's factor
+    optimizer, scheduler = make_optimizer(model, 0.5, 0.01, 1, 100, dataclasses.replace(setup, lr_end=0.0))
+    for _ in range(99):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] / 0.5 == pytest.approx(1 / 77, rel=1e-6)  # 1 step before 0
     # AdamW's step does not grow with the gradient: the head's lr scales with the logit scale itself
     adamw, _ = make_optimizer(model, 0.5, 0.01, 1, 100, dataclasses.replace(setup, optimizer="adamw_onecycle"))
     by_param = {id(p): g for g in adamw.param_groups for p in g["params"]}

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from edgekd.config import as_dict
+from edgekd.errors import UserError
 from tools.studies import recipe_ablation
 from tools.studies.recipe_ablation import RECIPE, ablate, parts, variant
 from tools.studies.student_seeds import train_student, with_overrides
@@ -82,7 +83,28 @@ def test_an_unknown_part_fails_in_one_line_before_anything_runs(tmp_path):
     )  # fmt: skip
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [
-        "error: --parts: unknown whitening (known: optimizer, bn_bias_lr, label_smoothing, augment, precision, ema, "
-        "norm_after_pool)"
+        "error: --parts: unknown whitening (known: optimizer, lr_end, bn_bias_lr, label_smoothing, augment, precision, "
+        "ema, norm_after_pool)"
+    ]
+    assert not (tmp_path / "a.json").exists()
+
+
+def test_set_changes_the_recipe_of_every_row_and_bad_settings_fail_in_one_line(tmp_path):
+    raw = recipe_ablation.with_settings(bench_recipe(), ["train.precision=float32", "train.lr_end=0"])
+    assert raw["train"]["precision"] == "float32" and raw["train"]["lr_end"] == 0
+    assert bench_recipe()["train"]["precision"] == "bfloat16"  # the config itself is untouched
+    recipe, changed = flat(variant(raw, {}, 3, 42)), flat(variant(raw, parts(DEFAULTS)["ema"][1], 3, 42))
+    assert recipe["train.precision"] == changed["train.precision"] == "float32"
+    for bad in ("train.precison=float32", "precision=float32", "train.precision"):
+        with pytest.raises(UserError, match=r"^--set: .* is not SECTION.KEY=VALUE with a key params.yaml has$"):
+            recipe_ablation.with_settings(bench_recipe(), [bad])
+    run = subprocess.run(
+        [sys.executable, "-m", "tools.studies.recipe_ablation", "--root", str(tmp_path / "none"),
+         "--set", "train.lr_ends=0", "--out", str(tmp_path / "a.json")],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        "error: --set: 'train.lr_ends=0' is not SECTION.KEY=VALUE with a key params.yaml has"
     ]
     assert not (tmp_path / "a.json").exists()

@@ -11,7 +11,8 @@ images/s and minutes, each as the mean over --seeds (± std with several). Val o
 never loaded. The architecture's parts (the whitening conv, dirac init, the head's scale) are not
 switches; docs/recipe.md gives their measured reasons.
 Usage: python -m tools.studies.recipe_ablation --root ../shared/datasets/cifar10
-       [--config tools/benchmark/cifar10.yaml] [--epochs 3] [--seeds 42] [--parts optimizer ...]
+       [--config tools/benchmark/cifar10.yaml] [--set train.precision=float32 ...] [--epochs 3] [--seeds 42]
+       [--parts optimizer ...]
        [--out reports/cifar10/recipe_ablation.json]  (also writes the .md)
 """
 
@@ -61,6 +62,11 @@ def parts(defaults: dict) -> dict[str, tuple[str, dict]]:
                 "student": {"lr": defaults["student"]["lr"]},
             },
         ),
+        "lr_end": (
+            "the lr falls to 0 at the last step instead of 0.07x its peak (airbench keeps 0.07x and averages "
+            "the weights every 5 steps; without an average the last steps' noise stays in the weights)",
+            {"train": {"lr_end": 0.0}},
+        ),
         "bn_bias_lr": ("BN biases at the lr (bn_bias_lr_scale 1)", {"train": {"bn_bias_lr_scale": 1.0}}),
         "label_smoothing": ("no label smoothing", {"train": {"label_smoothing": 0.0}}),
         "augment": (
@@ -83,6 +89,18 @@ def variant(raw: dict, overrides: dict, epochs: int, seed: int) -> Params:
         out[section] = {**out[section], **values}
     out["student"] = {**out["student"], "epochs": epochs, "seed": seed}
     return params_from_dict(out)
+
+
+def with_settings(raw: dict, settings: list[str]) -> dict:
+    """`raw` with each `section.key=value` of `settings` (the value read as YAML) applied."""
+    out = copy.deepcopy(raw)
+    for setting in settings:
+        name, sep, value = setting.partition("=")
+        section, dot, key = name.partition(".")
+        if not sep or not dot or section not in out or not isinstance(out[section], dict) or key not in out[section]:
+            raise UserError(f"--set: {setting!r} is not SECTION.KEY=VALUE with a key params.yaml has")
+        out[section] = {**out[section], key: yaml.safe_load(value)}
+    return out
 
 
 def run_variant(params: Params, data: Path, device: torch.device) -> dict:
@@ -109,10 +127,14 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
-def ablate(raw: dict, defaults: dict, names: list[str], epochs: int, seeds: list[int], data: Path, device) -> list:
-    """The recipe's row, then one per part in `names`, each with its runs per seed and their summary;
-    `delta_val_acc` is the variant's mean val accuracy minus the recipe's."""
-    variants = {RECIPE: ("the benchmark config's recipe", {}), **{n: parts(defaults)[n] for n in names}}
+def ablate(
+    raw: dict, defaults: dict, names: list[str], epochs: int, seeds: list[int], data: Path, device, settings=()
+) -> list:
+    """The recipe's row (the config's, with `settings` applied), then one per part in `names`, each with
+    its runs per seed and their summary; `delta_val_acc` is the variant's mean val accuracy minus the
+    recipe's."""
+    recipe = "the benchmark config's recipe" + (f" with {', '.join(settings)}" if settings else "")
+    variants = {RECIPE: (recipe, {}), **{n: parts(defaults)[n] for n in names}}
     rows = []
     for name, (change, overrides) in variants.items():
         runs = []
@@ -130,6 +152,13 @@ def main() -> None:
     parser.add_argument("--root", type=Path, required=True, help="ImageFolder tree (data.root)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--config", type=Path, default=Path("tools/benchmark/cifar10.yaml"))
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="changes to the config's recipe for every row, e.g. train.precision=float32 on a CPU without AMX",
+    )
     parser.add_argument("--epochs", type=int, default=3, help="student epochs of every run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42])
     parser.add_argument("--parts", nargs="+", help="default: every part")
@@ -140,16 +169,18 @@ def main() -> None:
     unknown = [p for p in args.parts or [] if p not in known]
     if unknown:
         raise UserError(f"--parts: unknown {', '.join(unknown)} (known: {', '.join(known)})")
-    raw = with_overrides(args.params, args.config, args.root)
+    raw = with_settings(with_overrides(args.params, args.config, args.root), args.set)
     params = params_from_dict(raw)
     device = select_device(params.train.device, params.train.threads)
     with tempfile.TemporaryDirectory() as tmp:
         prepare_dataset(params.data.root, tmp, params.data, params.seed)
-        rows = ablate(raw, defaults, args.parts or known, args.epochs, args.seeds, Path(tmp), device)
+        rows = ablate(raw, defaults, args.parts or known, args.epochs, args.seeds, Path(tmp), device, args.set)
     report = {
         "command": (
             f"python -m tools.studies.recipe_ablation --root {args.root} --params {args.params} "
-            f"--config {args.config} --epochs {args.epochs} --seeds {' '.join(map(str, args.seeds))}"
+            f"--config {args.config}"
+            + (f" --set {' '.join(args.set)}" if args.set else "")
+            + f" --epochs {args.epochs} --seeds {' '.join(map(str, args.seeds))}"
             + (f" --parts {' '.join(args.parts)}" if args.parts else "")
             + f" --out {args.out}"
         ),

@@ -51,8 +51,8 @@ def make_optimizer(
       Warm-up keeps BN/Adam stable in the first steps of a randomly initialised net, and the
       schedule ends at a tiny lr regardless of epoch count.
     - "nesterov_triangle": SGD with Nesterov momentum (train.momentum), the lr rising linearly from
-      0.2x to its peak at 23 % of the steps and falling to 0.07x at the end (airbench's schedule,
-      docs/recipe.md): with BN after every conv and batches of 1024 it reaches a given accuracy in
+      0.2x to its peak at 23 % of the steps and falling to train.lr_end x at the end (airbench's
+      schedule, docs/recipe.md): with BN after every conv and batches of 1024 it reaches a given accuracy in
       fewer epochs than AdamW.
 
     No weight decay on BN parameters and biases (1-D tensors), as in torchvision's recipes. BN biases
@@ -91,7 +91,7 @@ def make_optimizer(
     total = epochs * steps_per_epoch
     if kind == "nesterov_triangle":
         optimizer = torch.optim.SGD(groups, lr=lr, momentum=setup.momentum, nesterov=True)
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _Triangle(total))
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _Triangle(total, setup.lr_end))
     optimizer = torch.optim.AdamW(groups, lr=lr)
     # OneCycleLR divides by its warm-up length in steps, pct_start * total - 1: zero at 5 steps.
     warmup = 0.2 if total != 5 else 0.3
@@ -101,21 +101,22 @@ def make_optimizer(
     return optimizer, scheduler
 
 
-TRIANGLE = (0.2, 0.23, 0.07)  # nesterov_triangle: start (x peak lr), peak position (share of steps), end
+TRIANGLE = (0.2, 0.23)  # nesterov_triangle: start (x peak lr), peak position (share of steps)
 
 
 class _Triangle:
-    """The lr factor of step i: linear from TRIANGLE's start to 1 at its peak, then to its end.
-    A class, not a closure, so that the scheduler's state (with it) can be saved for resuming."""
+    """The lr factor of step i: linear from TRIANGLE's start to 1 at its peak, then to `end`
+    (train.lr_end). A class, not a closure, so that the scheduler's state (with it) can be saved for
+    resuming."""
 
-    def __init__(self, total: int) -> None:
-        self.total, self.peak = total, max(1, round(TRIANGLE[1] * total))
+    def __init__(self, total: int, end: float) -> None:
+        self.total, self.peak, self.end = total, max(1, round(TRIANGLE[1] * total)), end
 
     def __call__(self, step: int) -> float:
-        start, _, end = TRIANGLE
+        start = TRIANGLE[0]
         if step < self.peak:
             return start + (1 - start) * step / self.peak
-        return 1 + (end - 1) * min(1.0, (step - self.peak) / max(1, self.total - self.peak))
+        return 1 + (self.end - 1) * min(1.0, (step - self.peak) / max(1, self.total - self.peak))
 
 
 def train_one_epoch(
@@ -339,6 +340,7 @@ def setup_from_params(
         optimizer=t.optimizer,
         momentum=t.momentum,  # read by nesterov_triangle alone, declared with the optimizer it belongs to
         bn_bias_lr_scale=t.bn_bias_lr_scale,
+        lr_end=t.lr_end,
         ema_decay=t.ema_decay if not fake_quant else 0.0,
         precision=t.precision if not fake_quant else "float32",
         epochs=epochs,

@@ -39,5 +39,6 @@ class FitSetup:
     optimizer: str = "adamw_onecycle"  # train.optimizer (engine.make_optimizer)
     momentum: float = 0.0  # train.momentum, Nesterov SGD only
     bn_bias_lr_scale: float = 1.0  # train.bn_bias_lr_scale: BN biases learn at this multiple of the lr
+    lr_end: float = 0.07  # train.lr_end: nesterov_triangle's last lr as a fraction of its peak
     ema_decay: float = 0.0  # train.ema_decay: per-step decay of the weight average; 0 = no average
     precision: str = "float32"  # train.precision: "bfloat16" runs the training steps under autocast
