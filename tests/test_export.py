@@ -185,10 +185,14 @@ FP32_GATES = repo_params().export.fp32
 
 
 def test_export_gates_pass_the_real_export(exported, fp32, val_x):
+    """The file passes every gate against its own integer torch model. Top-1 agreement is the gate's
+    (0.9), not more: on a 2-core AMD EPYC with AVX512-VNNI one of these 15 images, whose two largest
+    integer-torch logits are exactly equal, resolves the other way in onnxruntime (14 / 15; 15 / 15
+    on an AMX Xeon)."""
     cfg = BRIEF_MODEL_GATES
     assert check_fp32_export(fp32, exported["fp32"], val_x, FP32_GATES)["max_abs_diff"] <= FP32_GATES.parity_atol
     checks = check_int8_export(exported["integer"], exported["qat"], exported["int8"], val_x, cfg)
-    assert checks["conv_kernels"]["float"] == 0 and checks["parity_int8_torch"]["top1_agreement"] >= 0.97
+    assert checks["conv_kernels"]["float"] == 0
     assert checks["output_step"] == pytest.approx(exported["integer"].get_submodule("classifier.3").scale)
 
 
@@ -306,14 +310,20 @@ def test_16bit_outputs_are_stored_as_uint16_and_the_file_follows_the_fake_quant_
 
 
 def test_int8_gate_fires_on_a_file_with_other_ranges(exported, fp32, meta, prepared_small):
-    """The kind of broken file that agrees on top-1 but holds other integers: the same network with
-    its ranges calibrated on other images (docs/int8.md#export-checks). The step bound catches it."""
+    """The kind of broken file that may agree on top-1 but holds other integers: the same network with
+    its ranges calibrated on other images (docs/int8.md#export-checks). The gate rejects it, and its
+    distance in output steps alone sets it apart from the file's own model: on an AMX Xeon the step
+    bound fires first; on a 2-core AMD EPYC with AVX512-VNNI the file is 25 steps from it (15 from
+    its own model) and 2 of 15 answers differ, so the agreement bound fires."""
     info = load_info(prepared_small)
     train = normalize(load_split(prepared_small, "train")[0], info.mean, info.std)
     other = convert(calibrate(prepare_qat(fp32, meta.image_size), [train]))
     val = normalize(load_split(prepared_small, "val")[0], info.mean, info.std)
-    with pytest.raises(UserError, match=r"int8.onnx: max \|logit\| diff vs the integer torch model .* output steps"):
+    with pytest.raises(UserError, match=r"int8.onnx: (max \|logit\| diff vs|top-1 agreement with) the integer torch"):
         check_int8_export(other, exported["qat"], exported["int8"], val, BRIEF_MODEL_GATES)
+    runner = make_runner(exported["int8"])
+    own = compare(exported["integer"], runner, val)["max_abs_diff"]
+    assert compare(other, runner, val)["max_abs_diff"] >= 1.5 * own
 
 
 def test_each_file_is_written_at_the_opset_it_needs(exported, fp32, meta, val_x, tmp_path):
