@@ -157,7 +157,7 @@ def main() -> None:
         nargs="+",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="changes to the config's recipe for every row, e.g. train.precision=float32 on a CPU without AMX",
+        help="changes to the config's recipe for every row, e.g. train.precision=float32 where bfloat16 is slow",
     )
     parser.add_argument("--epochs", type=int, default=3, help="student epochs of every run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42])
