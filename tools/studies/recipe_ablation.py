@@ -19,7 +19,6 @@ Usage: python -m tools.studies.recipe_ablation --root ../shared/datasets/cifar10
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import tempfile
@@ -40,7 +39,7 @@ from edgekd.train.losses import FlipAveraged
 from tools import formatting as fmt
 from tools.machine import code_commit, machine_info
 from tools.studies.report_files import write_report
-from tools.studies.student_seeds import train_student, with_overrides
+from tools.studies.student_seeds import merge_overrides, train_student, with_overrides
 
 RECIPE = "recipe"
 EMA_DECAY = 0.98  # per step: an average over the last ~50 steps, ~1.3 epochs of 40,000 images at batch 1024
@@ -63,8 +62,9 @@ def parts(defaults: dict) -> dict[str, tuple[str, dict]]:
             },
         ),
         "lr_end": (
-            "the lr falls to 0 at the last step instead of 0.07x its peak (airbench keeps 0.07x and averages "
-            "the weights every 5 steps; without an average the last steps' noise stays in the weights)",
+            f"the lr falls to 0 at the last step instead of {defaults['train']['lr_end']}x its peak (airbench "
+            "keeps 0.07x and averages the weights every 5 steps; without an average the last steps' noise stays "
+            "in the weights)",
             {"train": {"lr_end": 0.0}},
         ),
         "bn_bias_lr": ("BN biases at the lr (bn_bias_lr_scale 1)", {"train": {"bn_bias_lr_scale": 1.0}}),
@@ -84,23 +84,21 @@ def parts(defaults: dict) -> dict[str, tuple[str, dict]]:
 
 def variant(raw: dict, overrides: dict, epochs: int, seed: int) -> Params:
     """`raw` with one part's overrides, the student at `epochs` and `seed`."""
-    out = copy.deepcopy(raw)
-    for section, values in overrides.items():
-        out[section] = {**out[section], **values}
+    out = merge_overrides(raw, overrides)
     out["student"] = {**out["student"], "epochs": epochs, "seed": seed}
     return params_from_dict(out)
 
 
 def with_settings(raw: dict, settings: list[str]) -> dict:
     """`raw` with each `section.key=value` of `settings` (the value read as YAML) applied."""
-    out = copy.deepcopy(raw)
+    overrides: dict[str, dict] = {}
     for setting in settings:
         name, sep, value = setting.partition("=")
         section, dot, key = name.partition(".")
-        if not sep or not dot or section not in out or not isinstance(out[section], dict) or key not in out[section]:
+        if not sep or not dot or not isinstance(raw.get(section), dict) or key not in raw[section]:
             raise UserError(f"--set: {setting!r} is not SECTION.KEY=VALUE with a key params.yaml has")
-        out[section] = {**out[section], key: yaml.safe_load(value)}
-    return out
+        overrides.setdefault(section, {})[key] = yaml.safe_load(value)
+    return merge_overrides(raw, overrides)
 
 
 def run_variant(params: Params, data: Path, device: torch.device) -> dict:

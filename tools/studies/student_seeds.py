@@ -52,12 +52,19 @@ def dihedral_mean(model: nn.Module):
     return predict
 
 
+def merge_overrides(raw: dict, overrides: dict) -> dict:
+    """A copy of the params `raw` with `overrides` ({section: {key: value}}, a benchmark config's
+    shape) applied key by key; a value that is not a mapping replaces its whole entry (`seed`)."""
+    out = copy.deepcopy(raw)
+    for section, values in overrides.items():
+        out[section] = {**out[section], **values} if isinstance(values, dict) else values
+    return out
+
+
 def with_overrides(params_path: Path, config: Path | None, root: Path) -> dict:
     """params.yaml with the benchmark config's overrides (as `make bench` applies them) and data.root."""
-    raw = yaml.safe_load(params_path.read_text())
     overrides = yaml.safe_load(config.read_text())["overrides"] if config else {}
-    for section, values in overrides.items():
-        raw[section] = {**raw[section], **values} if isinstance(values, dict) else values
+    raw = merge_overrides(yaml.safe_load(params_path.read_text()), overrides)
     raw["data"] = {**raw["data"], "root": str(root)}
     return raw
 
