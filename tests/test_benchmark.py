@@ -98,7 +98,7 @@ def test_config_extends_its_base_key_by_key(tmp_path: Path):
         )
     )
     top = load_config(tmp_path / "top.yaml")
-    assert top["overrides"] == {**cfg["overrides"], "student": {"epochs": 3}}
+    assert top["overrides"] == {**cfg["overrides"], "student": {**cfg["overrides"]["student"], "epochs": 3}}
     assert top["student_seeds"] == [7] and top["seed_models"] == cfg["seed_models"]
     assert top["goals"] == {**cfg["goals"], "bench_max_minutes": 5}
 
