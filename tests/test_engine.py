@@ -6,12 +6,13 @@ import shutil
 
 import pytest
 import torch
+from torch import nn
 
 from edgekd.data.batches import load_split
 from edgekd.data.prepared import load_info
 from edgekd.train.batching import iterate_batches, steps_per_epoch
 from edgekd.train.device import seed_everything
-from edgekd.train.engine import fit, make_optimizer, train_one_epoch
+from edgekd.train.engine import Lookahead, fit, make_optimizer, train_one_epoch
 from edgekd.train.evaluation import evaluate
 from edgekd.train.fit_setup import FitSetup
 from edgekd.train.losses import ce_loss_fn
@@ -222,6 +223,53 @@ def test_the_kept_weights_are_the_average_not_the_last_step(data):
     plain, _ = _run_recipe(info, train, val, _setup(info, epochs=2, select_best=False, **{**RECIPE, "ema_decay": 0.0}))
     conv = "features.0.0.weight"
     assert not torch.equal(averaged.state_dict()[conv], plain.state_dict()[conv])
+
+
+def test_lookahead_pulls_every_5_steps_from_epoch_3_and_returns_to_the_average_at_epoch_end():
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    lookahead = Lookahead(model, total_steps=20)
+    weight = model[0].weight
+
+    def step(epoch: int, value: float) -> None:
+        with torch.no_grad():
+            weight.fill_(value)
+        lookahead.after_step(epoch)
+
+    for value in range(5):  # epochs 0-2: nothing, step 5 included
+        step(2, float(value))
+    assert lookahead.average is None and weight[0, 0] == 4
+    for _ in range(5):  # step 10: the first pull takes the weights as the average
+        step(3, 10.0)
+    assert torch.equal(lookahead.average["0.weight"], torch.full((2, 2), 10.0))
+    for _ in range(4):  # steps 11-14: no pull
+        step(3, 20.0)
+    assert weight[0, 0] == 20
+    step(3, 20.0)  # step 15: the average moves toward the weights by 1 - 0.95^5 (15/20)^3, the weights become it
+    pulled = 10 + 10 * (1 - 0.95**5 * (15 / 20) ** 3)
+    assert torch.allclose(weight, torch.full((2, 2), pulled)) and torch.equal(lookahead.average["0.weight"], weight)
+    assert torch.allclose(model[1].running_mean, torch.zeros(2))  # buffers are averaged too (both 0 here)
+    step(3, 50.0)
+    lookahead.end_epoch()  # the steps since the last pull are dropped: the model is the average
+    assert torch.allclose(weight, torch.full((2, 2), pulled))
+    assert "1.num_batches_tracked" not in lookahead.average  # integer buffers are counters, not averaged
+
+
+def test_lookahead_changes_the_run_from_epoch_3_on_and_resumes_to_identical_results(data, tmp_path):
+    info, train, val = data
+    recipe = {**RECIPE, "ema_decay": 0.0, "lookahead": True}
+    ref_model, ref = _run_recipe(info, train, val, _setup(info, tmp_path / "ref", 5, fingerprint="r", **recipe))
+    plain_model, plain = _run_recipe(info, train, val, _setup(info, epochs=5, **{**recipe, "lookahead": False}))
+    losses = [[row["loss"] for row in run.history] for run in (ref, plain)]
+    assert losses[0][:3] == losses[1][:3] and losses[0][3:] != losses[1][3:]
+    conv = "features.0.0.weight"
+    assert not torch.equal(ref_model.state_dict()[conv], plain_model.state_dict()[conv])
+    setup = _setup(info, tmp_path / "killed", 5, fingerprint="r", **recipe)
+    with pytest.raises(_Killed):
+        _run_recipe(info, train, val, setup, _kill_at(4))  # the average exists after epoch 3
+    model, resumed = _run_recipe(info, train, val, setup)
+    assert [r["val_acc"] for r in resumed.history] == [r["val_acc"] for r in ref.history]
+    for key, value in ref_model.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
 
 
 def test_nesterov_triangle_groups_and_schedule():

@@ -171,6 +171,7 @@ class TrainConfig(_Section):
     bn_bias_lr_scale: Positive  # BN biases learn at this multiple of the lr
     lr_end: Annotated[float, Field(ge=0, le=1)]  # nesterov_triangle: the last step's lr as a fraction of the peak
     ema_decay: Annotated[float, Field(ge=0, lt=1)]  # per-step decay of the weight average; 0 = none
+    lookahead: bool  # pull the trained weights toward their running average every few steps (airbench's)
     precision: Precision
     norm_after_pool: bool  # convnets: train each stage's first block as conv -> max-pool -> BN -> ReLU
 

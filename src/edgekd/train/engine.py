@@ -190,12 +190,15 @@ def fit(
     model.to(setup.device, memory_format=torch.channels_last)
     step_model = data_parallel(model, setup.ranks, setup.device)  # model itself for one process
     averaged = weight_average(model, setup.ema_decay)
+    steps = steps_per_epoch(len(train[0]), setup.batch_size, setup.max_steps)
+    lookahead = Lookahead(model, steps * setup.epochs) if setup.lookahead else None
     progress = restore(model, optimizer, scheduler, setup, averaged)
+    if lookahead is not None and progress.lookahead_state is not None:
+        lookahead.load_state_dict(progress.lookahead_state)
     kept = model if averaged is None else averaged.module  # what is validated, selected and saved
     live = _open_live(setup.live_dir if setup.ranks.main else None)
     for row in progress.history:  # a resumed run: DVC deleted the stage's outputs before rerunning it
         _log_live(live, row)
-    steps = steps_per_epoch(len(train[0]), setup.batch_size, setup.max_steps)
     for epoch in range(progress.next_epoch, setup.epochs):
         if on_epoch_start is not None:
             on_epoch_start(epoch)
@@ -217,9 +220,11 @@ def fit(
             setup.device,
             steps,
             setup.ranks,
-            None if averaged is None else lambda: averaged.update_parameters(model),
+            _after_step(model, averaged, lookahead, epoch),
             setup.precision,
         )
+        if lookahead is not None:
+            lookahead.end_epoch()
         if setup.bn_recalibration:
             recalibrate_bn(kept, train[0], setup)
         val_stats = evaluate(kept, *val, setup.mean, setup.std, setup.eval_batch_size, setup.device, setup.input_size)
@@ -245,6 +250,7 @@ def fit(
         # Rank 0's decision on every process: their val accuracies can differ (agree_on).
         stop = agree_on(setup.patience > 0 and epoch - progress.best_epoch >= setup.patience, setup.ranks)
         if setup.resume_path is not None and setup.ranks.main and progress.next_epoch < setup.epochs and not stop:
+            progress.lookahead_state = None if lookahead is None else lookahead.state_dict()
             save_resume(setup, model, optimizer, scheduler, progress, averaged)
         if stop:
             log.info("early stop: no val improvement for %d epochs", setup.patience)
@@ -256,6 +262,67 @@ def fit(
         Path(setup.resume_path).unlink(missing_ok=True)
     model.load_state_dict(progress.best_state)
     return _result(progress)
+
+
+class Lookahead:
+    """airbench's lookahead (train.lookahead): from epoch START_EPOCH (0-based) on, every EVERY steps
+    the running average of the weights and BN statistics takes a step toward the model, and the model
+    becomes the average; at each epoch's end the model is set to the average again. The average's
+    decay grows as DECAY x (step / total)^3: almost none early, when the weights must move fast, and
+    strong over the last epochs of a short high-lr run, whose late steps' noise it cancels. Unlike
+    `train.ema_decay`'s average, training goes on from the averaged weights, so there is no lag
+    between what trains and what is validated. Every rank holds the same weights and so the same
+    average; the state is in the resume file."""
+
+    START_EPOCH, EVERY, DECAY = 3, 5, 0.95**5
+
+    def __init__(self, model: nn.Module, total_steps: int) -> None:
+        self.model, self.total, self.step = model, total_steps, 0
+        self.average: dict[str, Tensor] | None = None
+
+    def _floats(self) -> dict[str, Tensor]:
+        return {k: v for k, v in self.model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def after_step(self, epoch: int) -> None:
+        self.step += 1
+        if epoch < self.START_EPOCH or self.step % self.EVERY:
+            return
+        if self.average is None:
+            self.average = {k: v.detach().clone() for k, v in self._floats().items()}
+            return
+        decay = self.DECAY * (self.step / self.total) ** 3
+        for name, value in self._floats().items():
+            self.average[name].lerp_(value, 1 - decay)
+            value.copy_(self.average[name])
+
+    @torch.no_grad()
+    def end_epoch(self) -> None:
+        if self.average is not None:
+            for name, value in self._floats().items():
+                value.copy_(self.average[name])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "average": self.average}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.average = state["step"], state["average"]
+
+
+def _after_step(
+    model: nn.Module, averaged: AveragedModel | None, lookahead: Lookahead | None, epoch: int
+) -> Callable[[], None] | None:
+    """What runs after every optimizer step of `epoch`: the lookahead pull, then the weight average."""
+    if averaged is None and lookahead is None:
+        return None
+
+    def after_step() -> None:
+        if lookahead is not None:
+            lookahead.after_step(epoch)
+        if averaged is not None:
+            averaged.update_parameters(model)
+
+    return after_step
 
 
 def weight_average(model: nn.Module, decay: float) -> AveragedModel | None:
@@ -333,7 +400,8 @@ def setup_from_params(
 
     Without best-epoch selection there is nothing to stop early for, so `train.patience` is not read;
     for `fake_quant` (QAT: its observers and frozen BN are buffers no average may blend, and its
-    fake-quant steps run in float32) neither `train.ema_decay` nor `train.precision` is read.
+    fake-quant steps run in float32) none of `train.ema_decay`, `train.lookahead` and `train.precision`
+    is read.
     """
     t = params.train
     return FitSetup(
@@ -342,6 +410,7 @@ def setup_from_params(
         bn_bias_lr_scale=t.bn_bias_lr_scale,
         lr_end=t.lr_end,
         ema_decay=t.ema_decay if not fake_quant else 0.0,
+        lookahead=t.lookahead if not fake_quant else False,
         precision=t.precision if not fake_quant else "float32",
         epochs=epochs,
         batch_size=params.train.batch_size,

@@ -41,4 +41,5 @@ class FitSetup:
     bn_bias_lr_scale: float = 1.0  # train.bn_bias_lr_scale: BN biases learn at this multiple of the lr
     lr_end: float = 0.07  # train.lr_end: nesterov_triangle's last lr as a fraction of its peak
     ema_decay: float = 0.0  # train.ema_decay: per-step decay of the weight average; 0 = no average
+    lookahead: bool = False  # train.lookahead: the weights pulled toward their running average (engine.Lookahead)
     precision: str = "float32"  # train.precision: "bfloat16" runs the training steps under autocast

@@ -52,6 +52,7 @@ class Progress:
     best_epoch: int = -1
     best_state: dict[str, Tensor] | None = None
     averaged_state: dict[str, Tensor] | None = None  # the weight average (train.ema_decay), if any
+    lookahead_state: dict[str, Any] | None = None  # engine.Lookahead's (train.lookahead), if any
     history: list[dict[str, float]] = field(default_factory=list)
 
 
