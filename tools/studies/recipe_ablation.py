@@ -3,8 +3,8 @@ benchmark config's recipe, then once per part with that part alone changed, on v
 
 The parts are the recipe's params (docs/recipe.md); each variant changes one part back to what a
 generic recipe does (AdamW one-cycle at params.yaml's lr and weight decay, BN biases at the lr, no
-label smoothing, zero-padded random crops + flips, float32 steps) or, for the weight averages (ema,
-lookahead) that the benchmark leaves off, turns it on. The student is the `baseline` stage's (CE,
+label smoothing, zero-padded random crops + flips, float32 steps) or, for the weight average (ema)
+that the benchmark leaves off, turns it on. The student is the `baseline` stage's (CE,
 epoch selection on val) at --epochs, a short budget: a ranking of the parts, not their value after a
 full schedule. Reported per variant: val accuracy of the selected epoch and of the last,
 flip-averaged val accuracy, training images/s and minutes, each as the mean over --seeds (± std with
@@ -76,8 +76,8 @@ def parts(defaults: dict) -> dict[str, tuple[str, dict]]:
         "precision": ("float32 training steps instead of bfloat16", {"train": {"precision": "float32"}}),
         "ema": (f"weight average on (ema_decay {EMA_DECAY})", {"train": {"ema_decay": EMA_DECAY}}),
         "lookahead": (
-            "lookahead on: from the 4th epoch the weights become their running average every 5 steps",
-            {"train": {"lookahead": True}},
+            "lookahead off: the weights are never pulled toward their running average",
+            {"train": {"lookahead": False}},
         ),
         "norm_after_pool": (
             "conv-BN-ReLU -> max-pool in training instead of conv -> max-pool -> BN -> ReLU",
