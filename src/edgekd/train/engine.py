@@ -192,9 +192,7 @@ def fit(
     averaged = weight_average(model, setup.ema_decay)
     steps = steps_per_epoch(len(train[0]), setup.batch_size, setup.max_steps)
     lookahead = Lookahead(model, steps * setup.epochs) if setup.lookahead else None
-    progress = restore(model, optimizer, scheduler, setup, averaged)
-    if lookahead is not None and progress.lookahead_state is not None:
-        lookahead.load_state_dict(progress.lookahead_state)
+    progress = restore(model, optimizer, scheduler, setup, averaged, lookahead)
     kept = model if averaged is None else averaged.module  # what is validated, selected and saved
     live = _open_live(setup.live_dir if setup.ranks.main else None)
     for row in progress.history:  # a resumed run: DVC deleted the stage's outputs before rerunning it
@@ -250,8 +248,7 @@ def fit(
         # Rank 0's decision on every process: their val accuracies can differ (agree_on).
         stop = agree_on(setup.patience > 0 and epoch - progress.best_epoch >= setup.patience, setup.ranks)
         if setup.resume_path is not None and setup.ranks.main and progress.next_epoch < setup.epochs and not stop:
-            progress.lookahead_state = None if lookahead is None else lookahead.state_dict()
-            save_resume(setup, model, optimizer, scheduler, progress, averaged)
+            save_resume(setup, model, optimizer, scheduler, progress, averaged, lookahead)
         if stop:
             log.info("early stop: no val improvement for %d epochs", setup.patience)
             break

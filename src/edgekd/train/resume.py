@@ -63,9 +63,14 @@ def save_resume(
     scheduler: Any,
     progress: Progress,
     averaged: nn.Module | None = None,
+    lookahead: Any | None = None,
 ) -> None:
+    """`averaged` (train.ema_decay) and `lookahead` (train.lookahead, engine.Lookahead): the weight
+    averages, saved through their own `state_dict`."""
     if averaged is not None:
         progress.averaged_state = averaged.state_dict()
+    if lookahead is not None:
+        progress.lookahead_state = lookahead.state_dict()
     save_checkpoint(
         setup.resume_path,
         {
@@ -86,6 +91,7 @@ def restore(
     scheduler: Any,
     setup: FitSetup,
     averaged: nn.Module | None = None,
+    lookahead: Any | None = None,
 ) -> Progress:
     """Load the resume file if it belongs to this exact run; rank 0 deletes it if it is stale.
 
@@ -112,6 +118,8 @@ def restore(
     progress = Progress(**state["progress"])
     if averaged is not None and progress.averaged_state is not None:
         averaged.load_state_dict(progress.averaged_state)
+    if lookahead is not None and progress.lookahead_state is not None:
+        lookahead.load_state_dict(progress.lookahead_state)
     log.info("resuming from %s after epoch %d", path, progress.next_epoch)
     return progress
 
