@@ -15,7 +15,8 @@ from edgekd.errors import UserError
 from edgekd.train.augment import apply_augmentation, draw_augmentation
 from edgekd.train.checkpoints import save_checkpoint
 from edgekd.train.fit_setup import FitSetup
-from edgekd.train.losses import confidence_weights
+from edgekd.train.losses import confidence_weights, prepare_teachers
+from edgekd.train.models import build_model
 from edgekd.train.soft_targets import (
     RENDER_CHUNK,
     combine_teachers,
@@ -32,11 +33,11 @@ from edgekd.train.soft_targets import (
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _params(seed=7, augment="dihedral", views=3, targets="views", ensemble="mean"):
+def _params(seed=7, augment="dihedral", views=3, targets="views", ensemble="mean", precision="float32"):
     """The repo's params with the few keys the soft targets read set for the test."""
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["seed"] = seed
-    raw["train"].update(augment=augment, eval_batch_size=64)
+    raw["train"].update(augment=augment, eval_batch_size=64, precision=precision)
     raw["kd"].update(views=views, targets=targets, ensemble=ensemble)
     return params_from_dict(raw)
 
@@ -221,3 +222,23 @@ def test_flip_mean_targets_are_each_images_mean_over_it_and_its_mirror_and_train
     torch.testing.assert_close(first.teacher_logits, loaded["logits"][0][order])
     with pytest.raises(UserError, match="differ from those the soft targets were computed on"):
         next(view_batches(255 - images, labels, loaded, setup)(0, torch.Generator().manual_seed(0)))
+
+
+def test_bfloat16_teachers_label_as_the_float32_ones_to_bfloat16_rounding(sample):
+    """train.precision: bfloat16 runs the teachers' passes under autocast: float32 logits of the same
+    shape that differ from the float32 pass by bfloat16 rounding only (same top-1 nearly everywhere),
+    and the same every run."""
+    info, images, _, _ = sample
+    torch.manual_seed(0)
+    teacher = build_model("convnet_d2_16_32_32", len(info.classes), stem="small")
+    teachers = prepare_teachers([teacher])
+    run = lambda precision: compute_soft_targets(  # noqa: E731
+        teachers, images, _params(targets="flip_mean", precision=precision), info, torch.device("cpu")
+    )["teacher_logits"]
+    exact, fast = run("float32"), run("bfloat16")
+    assert fast.dtype == torch.float32 and fast.shape == exact.shape
+    assert not torch.equal(fast, exact)  # the autocast pass ran
+    scale = exact.abs().max().item()
+    assert (fast - exact).abs().max().item() <= scale * 2**-5
+    assert (fast.argmax(-1) == exact.argmax(-1)).float().mean().item() >= 0.95
+    assert torch.equal(run("bfloat16"), fast)
