@@ -130,10 +130,11 @@ def compute_soft_targets(
 
 
 def _teacher_pass(teachers: Sequence[nn.Module], precision: str, x: Tensor) -> Tensor:
-    """Every teacher's float32 logits (B, K, C), computed in the training steps' arithmetic
-    (train.precision): under bfloat16 autocast the teachers' convs run 1.7-2x as fast on a CPU with
-    AVX512-BF16 (docs/recipe.md), and their logits were trained in it. The stored float16 logits and
-    the students' KD term are unchanged in kind; evaluation stays float32."""
+    """Every teacher's float32 logits (B, K, C), computed in the arithmetic the teachers trained in
+    (train.precision): under bfloat16 autocast their convs run 1.7-2x as fast on a CPU with
+    AVX512-BF16 (docs/recipe.md), and the logits differ from float32 ones by bfloat16 rounding only
+    (on CIFAR-10 the mean ensemble's top-1 on the train split: 95.13 % in float32, 95.10 % so;
+    docs/cifar10.md). Evaluation stays float32."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
         return teacher_logits(teachers, x).float()
 
