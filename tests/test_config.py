@@ -134,6 +134,16 @@ def test_nesterov_steps_need_momentum():
         params_from_dict(raw)
 
 
+def test_alternating_flip_needs_an_augmentation_with_flips():
+    raw = with_override("train.augment", "flip_translate")
+    raw["train"]["alternating_flip"] = True
+    assert params_from_dict(raw).train.alternating_flip
+    raw["train"]["augment"] = "dihedral"
+    allowed = "false with train.augment dihedral"
+    with pytest.raises(ParamError, match=rf"^params: train.alternating_flip=True is invalid; allowed: {allowed}"):
+        params_from_dict(raw)
+
+
 def test_teacher_stems_are_checked_per_teacher():
     raw = with_override("teachers.stems", {"resnet18": "imagenet", "mobilenet_v2": "small", "densenet121": "imagenet"})
     assert params_from_dict(raw).teachers.stems["mobilenet_v2"] == "small"

@@ -10,7 +10,7 @@ from torch import nn
 
 from edgekd.data.batches import load_split
 from edgekd.data.prepared import load_info
-from edgekd.train.batching import iterate_batches, steps_per_epoch
+from edgekd.train.batching import alternating_flips, epoch_augmentation, iterate_batches, steps_per_epoch
 from edgekd.train.device import seed_everything
 from edgekd.train.engine import Lookahead, fit, make_optimizer, train_one_epoch
 from edgekd.train.evaluation import evaluate
@@ -189,6 +189,26 @@ def test_max_steps_caps_each_epoch_at_a_fresh_random_subset(data):
     assert [len(batches) for batches in epochs] == [2, 2]
     assert not torch.equal(epochs[0][0].y, epochs[1][0].y) or not torch.equal(epochs[0][0].x, epochs[1][0].x)
     assert len(list(iterate_batches(*train, _setup(info), torch.Generator().manual_seed(0), augment=None))) == full
+
+
+def test_alternating_flip_mirrors_each_image_in_every_other_epoch(data):
+    info, train, _ = data
+
+    def first_batch(setup, epoch):  # one generator seed for every epoch: the same order and shifts
+        generator = torch.Generator().manual_seed(0)
+        return next(iterate_batches(*train, setup, generator, epoch_augmentation(generator, train[0], setup, epoch))).x
+
+    alternating = _setup(info, augment="flip_translate", alternating_flip=True)
+    x0, x1, x2 = (first_batch(alternating, epoch) for epoch in range(3))
+    assert torch.equal(x1, x0.flip(-1)) and torch.equal(x2, x0)
+    random = _setup(info, augment="flip_translate")
+    r0, r1 = first_batch(random, 0), first_batch(random, 1)
+    assert torch.equal(r0, r1)  # without it, the epoch's generator alone draws the flips
+    same = [torch.equal(a, b) for a, b in zip(x0, r0)]
+    assert all(s or torch.equal(a, b.flip(-1)) for s, a, b in zip(same, x0, r0))  # only the flips differ
+    assert not all(same)
+    flips = alternating_flips(2000, 7, 0)
+    assert 900 < flips.sum() < 1100 and torch.equal(alternating_flips(2000, 7, 3), ~flips)
 
 
 RECIPE = {"optimizer": "nesterov_triangle", "momentum": 0.85, "bn_bias_lr_scale": 64.0, "ema_decay": 0.9}

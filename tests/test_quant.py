@@ -19,7 +19,7 @@ from edgekd.deploy.gates import compare
 from edgekd.deploy.metadata import ModelMeta
 from edgekd.deploy.sessions import make_runner
 from edgekd.train import engine
-from edgekd.train.batching import fresh_augmentation, iterate_batches, steps_per_epoch
+from edgekd.train.batching import epoch_augmentation, iterate_batches, steps_per_epoch
 from edgekd.train.checkpoints import load_checkpoint, model_payload, save_checkpoint
 from edgekd.train.evaluation import evaluate, evaluation_mode
 from edgekd.train.fit_setup import FitSetup
@@ -50,12 +50,12 @@ def _qat_one_epoch(prepared):
     images, labels = load_split(prepared, "train")
     torch.manual_seed(0)
     model = prepare_qat(build_model(ARCH, len(info.classes), 0.25), info.image_size)
-    setup = FitSetup(epochs=1, batch_size=16, eval_batch_size=64, seed=0, mean=info.mean, std=info.std)
+    setup = FitSetup(
+        epochs=1, batch_size=16, eval_batch_size=64, seed=0, mean=info.mean, std=info.std, augment="dihedral"
+    )
     optimizer, scheduler = engine.make_optimizer(model, 1e-3, 0.0, 1, steps_per_epoch(len(images), 16))
     generator = torch.Generator().manual_seed(0)
-    batches = iterate_batches(
-        images, labels, setup, generator, fresh_augmentation(generator, info.image_size, "dihedral")
-    )
+    batches = iterate_batches(images, labels, setup, generator, epoch_augmentation(generator, images, setup, 0))
     engine.train_one_epoch(model, _ce, optimizer, scheduler, batches, torch.device("cpu"))
     return model.eval(), info
 

@@ -84,7 +84,7 @@ def test_an_unknown_part_fails_in_one_line_before_anything_runs(tmp_path):
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [
         "error: --parts: unknown whitening (known: optimizer, lr_end, bn_bias_lr, label_smoothing, augment, precision, "
-        "ema, lookahead, norm_after_pool)"
+        "alternating_flip, ema, lookahead, norm_after_pool)"
     ]
     assert not (tmp_path / "a.json").exists()
 

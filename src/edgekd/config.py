@@ -174,6 +174,7 @@ class TrainConfig(_Section):
     lookahead: bool  # pull the trained weights toward their running average every few steps (airbench's)
     precision: Precision
     norm_after_pool: bool  # convnets: train each stage's first block as conv -> max-pool -> BN -> ReLU
+    alternating_flip: bool  # each image mirrored in every other epoch instead of at random (airbench's)
 
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self) -> "TrainConfig":
@@ -182,6 +183,16 @@ class TrainConfig(_Section):
             "train.momentum",
             self.momentum,
             "> 0 with train.optimizer nesterov_triangle (Nesterov steps need momentum)",
+        )
+        return self
+
+    @model_validator(mode="after")
+    def _alternating_flip_needs_flips(self) -> "TrainConfig":
+        _require(
+            not self.alternating_flip or self.augment in ("crop_flip", "flip_translate"),
+            "train.alternating_flip",
+            self.alternating_flip,
+            f"false with train.augment {self.augment} (it has no left-right flip to alternate)",
         )
         return self
 

@@ -17,7 +17,7 @@ import torch
 from edgekd.config import Params
 from edgekd.data.batches import load_split
 from edgekd.data.prepared import load_info
-from edgekd.train.batching import fresh_augmentation, iterate_batches
+from edgekd.train.batching import epoch_augmentation, iterate_batches
 from edgekd.train.device import seed_everything, select_device
 from edgekd.train.engine import train_one_epoch
 from edgekd.train.fit_setup import FitSetup
@@ -44,9 +44,7 @@ def train_images_per_s(
         max_steps=steps,
     )
     generator = torch.Generator().manual_seed(params.seed)
-    batches = iterate_batches(
-        images, labels, setup, generator, fresh_augmentation(generator, images.shape[-1], setup.augment)
-    )
+    batches = iterate_batches(images, labels, setup, generator, epoch_augmentation(generator, images, setup, 0))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     return train_one_epoch(
         model, ce_loss_fn(params.train.label_smoothing), optimizer, None, batches, setup.device, steps

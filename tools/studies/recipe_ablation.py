@@ -3,8 +3,8 @@ benchmark config's recipe, then once per part with that part alone changed, on v
 
 The parts are the recipe's params (docs/recipe.md); each variant changes one part back to what a
 generic recipe does (AdamW one-cycle at params.yaml's lr and weight decay, BN biases at the lr, no
-label smoothing, zero-padded random crops + flips, float32 steps) or, for the weight average (ema)
-that the benchmark leaves off, turns it on. The student is the `baseline` stage's (CE,
+label smoothing, zero-padded random crops + flips, random flips each epoch, float32 steps) or, for
+the weight average (ema) that the benchmark leaves off, turns it on. The student is the `baseline` stage's (CE,
 epoch selection on val) at --epochs, a short budget: a ranking of the parts, not their value after a
 full schedule. Reported per variant: val accuracy of the selected epoch and of the last,
 flip-averaged val accuracy, training images/s and minutes, each as the mean over --seeds (± std with
@@ -74,6 +74,10 @@ def parts(defaults: dict) -> dict[str, tuple[str, dict]]:
             {"train": {"augment": "crop_flip"}},
         ),
         "precision": ("float32 training steps instead of bfloat16", {"train": {"precision": "float32"}}),
+        "alternating_flip": (
+            "each epoch draws every image's mirror at random instead of mirroring it in every other epoch",
+            {"train": {"alternating_flip": False}},
+        ),
         "ema": (f"weight average on (ema_decay {EMA_DECAY})", {"train": {"ema_decay": EMA_DECAY}}),
         "lookahead": (
             "lookahead off: the weights are never pulled toward their running average",

@@ -34,9 +34,26 @@ def steps_per_epoch(num_images: int, batch_size: int, max_steps: int | None = No
 Augmentation = Callable[[Tensor], dict[str, Tensor]]  # a batch's rows -> its augmentation table
 
 
-def fresh_augmentation(generator: torch.Generator, side: int, kind: str) -> Augmentation:
-    """New transforms for every batch, drawn from the epoch's generator (train.augment)."""
-    return lambda rows: draw_augmentation(len(rows), side, generator, kind)
+def epoch_augmentation(generator: torch.Generator, images: Tensor, setup: FitSetup, epoch: int) -> Augmentation:
+    """New transforms for every batch of `epoch`, drawn from the epoch's generator (train.augment).
+    With train.alternating_flip each image's left-right flip is not drawn but `alternating_flips`'."""
+    flips = alternating_flips(len(images), setup.seed, epoch) if setup.alternating_flip else None
+
+    def draw(rows: Tensor) -> dict[str, Tensor]:
+        table = draw_augmentation(len(rows), images.shape[-1], generator, setup.augment)
+        if flips is not None:
+            table["flips"] = flips[rows]  # drawn and replaced: the shifts stay those of random flips
+        return table
+
+    return draw
+
+
+def alternating_flips(num_images: int, seed: int, epoch: int) -> Tensor:
+    """airbench's alternating flip: each image's flip drawn once from `seed`, inverted in odd
+    epochs. Two epochs then show every image both ways, where independent coin flips show a quarter
+    of the images one way twice; airbench measured it as 9 % fewer epochs to the same accuracy."""
+    once = torch.rand(num_images, generator=torch.Generator().manual_seed(seed)) < 0.5
+    return once ^ bool(epoch % 2)
 
 
 def iterate_batches(
@@ -49,7 +66,7 @@ def iterate_batches(
 ) -> Iterator[Batch]:
     """Shuffled, augmented, normalised batches: uint8 (N, 3, H, W) -> float (B, 3, H, W) on device,
     with the matching rows of `teacher_logits` (N, C) when given. `augment` gives each batch's
-    augmentation table (`fresh_augmentation`, or a stored view's rows), applied on the device;
+    augmentation table (`epoch_augmentation`, or a stored view's rows), applied on the device;
     None leaves the images as they are. Batches come in channels-last memory, as `engine.fit` holds
     the model. With several processes, each takes every world-th image of
     each global batch, drawn and augmented exactly as for one process."""

@@ -20,6 +20,12 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def precision_autocast(device: torch.device, precision: str) -> torch.autocast:
+    """The arithmetic of train.precision on `device`: bfloat16 autocast (convs and matmuls in
+    bfloat16, their weights kept in float32), or float32 as written."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
+
+
 def configure_determinism() -> None:
     """Deterministic kernels where PyTorch has them.
 

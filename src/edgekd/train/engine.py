@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from edgekd.train.batching import Batch, BatchSource, LossFn, fresh_augmentation, iterate_batches, steps_per_epoch
+from edgekd.train.batching import Batch, BatchSource, LossFn, epoch_augmentation, iterate_batches, steps_per_epoch
+from edgekd.train.device import precision_autocast
 from edgekd.train.distributed import Ranks, agree_on, data_parallel, sum_over_ranks
 from edgekd.train.evaluation import evaluate, recalibrate_bn
 from edgekd.train.fit_setup import FitSetup
@@ -139,7 +140,7 @@ def train_one_epoch(
     correct = seen = 0
     start = time.perf_counter()
     for batch in tqdm(batches, total=total, leave=False, disable=not sys.stderr.isatty()):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+        with precision_autocast(device, precision):
             out = loss_fn(model, batch)
         y = batch.y
         optimizer.zero_grad(set_to_none=True)
@@ -205,9 +206,7 @@ def fit(
         epoch_batches = (
             batches(epoch, generator)
             if batches is not None
-            else iterate_batches(
-                *train, setup, generator, fresh_augmentation(generator, train[0].shape[-1], setup.augment)
-            )
+            else iterate_batches(*train, setup, generator, epoch_augmentation(generator, train[0], setup, epoch))
         )
         stats = train_one_epoch(
             step_model,
@@ -424,6 +423,7 @@ def setup_from_params(
         input_size=input_size,
         select_best=select_best,
         augment=params.train.augment,
+        alternating_flip=params.train.alternating_flip,
         max_steps=params.train.max_steps_per_epoch,
         ranks=ranks,
     )

@@ -31,6 +31,7 @@ class FitSetup:
     bn_recalibration: bool = True  # re-estimate BN statistics before each validation (see below)
     input_size: int | None = None  # model input side; images are augmented at cache size, then resized
     augment: str = "dihedral"  # train.augment
+    alternating_flip: bool = False  # train.alternating_flip (batching.epoch_augmentation)
     max_steps: int | None = None  # train.max_steps_per_epoch: an epoch is a random subset of this many batches
     # True: keep the best-val epoch. False: keep the last one, for QAT, whose BN/observer freeze
     # schedule must reach the weights that are exported (an earlier best-val epoch predates it).

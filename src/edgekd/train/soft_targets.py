@@ -42,8 +42,9 @@ from tqdm import tqdm
 from edgekd.config import Params
 from edgekd.errors import UserError
 from edgekd.train.augment import apply_augmentation, draw_augmentation, rows_of
-from edgekd.train.batching import Batch, BatchSource, LossFn, fresh_augmentation, iterate_batches
+from edgekd.train.batching import Batch, BatchSource, LossFn, epoch_augmentation, iterate_batches
 from edgekd.train.checkpoints import load_checkpoint, save_checkpoint
+from edgekd.train.device import precision_autocast
 from edgekd.train.evaluation import predict_logits
 from edgekd.train.fit_setup import FitSetup
 from edgekd.train.losses import (
@@ -133,9 +134,10 @@ def _teacher_pass(teachers: Sequence[nn.Module], precision: str, x: Tensor) -> T
     """Every teacher's float32 logits (B, K, C), computed in the arithmetic the teachers trained in
     (train.precision): under bfloat16 autocast their convs run 1.7-2x as fast on a CPU with
     AVX512-BF16 (docs/recipe.md), and the logits differ from float32 ones by bfloat16 rounding only
-    (on CIFAR-10 the mean ensemble's top-1 on the train split: 95.13 % in float32, 95.10 % so;
-    docs/cifar10.md). Evaluation stays float32."""
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+    (on CIFAR-10 the mean ensemble's top-1 on the train split: 95.13 % in float32, 95.10 % under
+    autocast; docs/cifar10.md). Returned as float32, so the flip mean is taken in float32.
+    Evaluation stays float32."""
+    with precision_autocast(x.device, precision):
         return teacher_logits(teachers, x).float()
 
 
@@ -224,7 +226,7 @@ def view_batches(images: Tensor, labels: Tensor, targets: dict, setup: FitSetup)
             )
 
         def fresh(epoch: int, generator: torch.Generator) -> Iterator[Batch]:
-            table = fresh_augmentation(generator, images.shape[-1], setup.augment)
+            table = epoch_augmentation(generator, images, setup, epoch)
             yield from iterate_batches(images, labels, setup, generator, table, teacher_logits=logits[0])
 
         return fresh
